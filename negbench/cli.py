@@ -1,0 +1,151 @@
+"""The ``negbench`` command line (DESIGN §6). Every bad input ends as one line on stderr and
+exit code 2 (``--debug`` shows the traceback instead)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from negbench.config import RunConfig, split_set_options
+from negbench.errors import UserError
+from negbench.registry import SAMPLERS, TASKS, load_plugin
+
+try:  # typer >= 0.22 vendors click; older releases depend on it
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed typer
+    import click.exceptions as click_exceptions  # type: ignore[no-redef]
+
+app = typer.Typer(
+    name="negbench",
+    help="Benchmark negative samplers for contrastive learning on common tasks.",
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+PLUGIN_HELP = "Python file registering extra samplers/tasks (repeatable)."
+
+
+def _load_plugins(plugins: Optional[list[Path]]) -> None:
+    for path in plugins or []:
+        load_plugin(path)
+
+
+@app.command()
+def run(
+    sampler: str = typer.Option("emc2", help="Sampler name or alias (`negbench list samplers`)."),
+    task: str = typer.Option("digits", help="Task name (`negbench list tasks`)."),
+    batch_size: int = typer.Option(32, help="Items per step B (2B anchors)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps [default: 1000]."),
+    epochs: Optional[float] = typer.Option(None, help="Training length in epochs (instead of --steps)."),
+    optimizer: str = typer.Option("adam", help="sgd or adam."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.1 for sgd, 1e-3 for adam]; 0 freezes θ."),
+    momentum: float = typer.Option(0.0, help="SGD momentum."),
+    weight_decay: float = typer.Option(0.0, help="Weight decay."),
+    beta: float = typer.Option(5.0, help="Inverse temperature β = 1/τ."),
+    seed: Optional[int] = typer.Option(None, help="Base seed [default: a random one, printed]."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    eval_every: Optional[int] = typer.Option(None, help="Steps between metric rows [default: steps/10]."),
+    out: Path = typer.Option(Path("results/runs"), help="Folder of run folders."),
+    data_root: Optional[Path] = typer.Option(None, help="Data folder of image tasks."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Sampler/task parameter key=value (repeatable)."),
+    grad_error: bool = typer.Option(False, "--grad-error", help="Record grad_error_sq (one exact gradient per step)."),
+    tv_steps: int = typer.Option(100, help="Probe batches behind sampling_tv at each evaluation (0: off)."),
+    tv_anchors: int = typer.Option(8, help="Probe anchor items of sampling_tv."),
+    plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train one sampler on one task and write results/runs/<run-id>/."""
+    from negbench.runner import run as run_one, summary_table
+
+    _load_plugins(plugin)
+    sampler_params, task_params = split_set_options(set_ or [], sampler, task)
+    config = RunConfig(
+        sampler=sampler, task=task, batch_size=batch_size, steps=steps, epochs=epochs,
+        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, beta=beta,
+        seed=seed, device=device, eval_every=eval_every, out=out, data_root=data_root,
+        sampler_params=sampler_params, task_params=task_params, grad_error=grad_error,
+        tv_steps=tv_steps, tv_anchors=tv_anchors,
+    )
+    outcome = run_one(config, show_progress=not quiet)
+    Console().print(summary_table(outcome.summary, f"{outcome.run_dir}"))
+    if outcome.summary["status"] == "interrupted":
+        raise typer.Exit(130)
+
+
+def _component_table(registry, title: str) -> Table:  # type: ignore[no-untyped-def]
+    table = Table(title=title, show_lines=True)
+    table.add_column("name")
+    table.add_column("description")
+    table.add_column("parameters (default)")
+    for name in registry.names():
+        cls = registry.get_class(name)
+        label = name + "".join(f"\n(alias {a})" for a in getattr(cls, "aliases", ()))
+        params = "\n".join(f"{k}={spec.default!r}  {spec.help} [{spec.describe()}]" for k, spec in cls.params.items())
+        notes = []
+        if getattr(cls, "requires_finite_views", False):
+            notes.append("finite-view tasks only")
+        if getattr(cls, "finite_views", None) is not None:
+            notes.append("finite views" if cls.finite_views else "random augmentations")
+        description = cls.description + (f" ({'; '.join(notes)})" if notes else "")
+        table.add_row(label, description, params or "-")
+    for name, error in sorted(registry.failures.items()):
+        table.add_row(f"[red]{name}[/red]", f"[red]failed to import: {error}[/red]", "-")
+    return table
+
+
+@app.command("list")
+def list_(
+    what: str = typer.Argument("all", help="samplers, tasks or all."),
+    plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
+) -> None:
+    """List the registered samplers and tasks with their parameters."""
+    if what not in ("samplers", "tasks", "all"):
+        raise UserError(f"`negbench list` takes samplers, tasks or all, got {what!r}")
+    _load_plugins(plugin)
+    console = Console()
+    if what in ("samplers", "all"):
+        console.print(_component_table(SAMPLERS, "samplers"))
+    if what in ("tasks", "all"):
+        console.print(_component_table(TASKS, "tasks"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the app, turning every expected error into one line and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="negbench", standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"negbench: error: {_one_line(str(exc))}", file=sys.stderr)
+        sys.exit(2)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        print(exc.format_message(), file=sys.stderr)
+        sys.exit(2)
+    except click_exceptions.UsageError as exc:
+        if debug:
+            raise
+        hint = f" (see `negbench {exc.ctx.info_name} --help`)" if exc.ctx and exc.ctx.info_name != "negbench" else " (see `negbench --help`)"
+        print(f"negbench: error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("negbench: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,146 @@
+"""Run configuration: the user's options, validated and resolved before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from negbench.errors import UserError, suggest
+from negbench.registry import SAMPLERS, TASKS
+
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+DEFAULT_STEPS = 1000
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. ``None`` means "derive a default" (see :func:`resolve`)."""
+
+    sampler: str = "emc2"
+    task: str = "digits"
+    batch_size: int = 32
+    steps: int | None = None
+    epochs: float | None = None
+    optimizer: str = "adam"
+    lr: float | None = None
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    beta: float = 5.0
+    seed: int | None = None
+    device: str = "auto"
+    eval_every: int | None = None
+    out: Path = Path("results/runs")
+    data_root: Path | None = None
+    sampler_params: dict[str, Any] = field(default_factory=dict)
+    task_params: dict[str, Any] = field(default_factory=dict)
+    grad_error: bool = False
+    tv_steps: int = 100
+    tv_anchors: int = 8
+
+
+def derive_seed(base: int, purpose: str) -> int:
+    """An independent 63-bit seed for one purpose (data, init, order, sampler, probe)."""
+    digest = hashlib.sha256(f"{base}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def split_set_options(pairs: list[str], sampler: str, task: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Route ``--set key=value`` pairs to the sampler or the task. A key both have must be
+    written ``sampler.key`` or ``task.key``."""
+    sampler_keys = SAMPLERS.get_class(sampler).params
+    task_keys = TASKS.get_class(task).params
+    sampler_params: dict[str, str] = {}
+    task_params: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {pair!r}; e.g. --set burn_in=0.5")
+        scope, dot, bare = key.partition(".")
+        if dot and scope in ("sampler", "task"):
+            (sampler_params if scope == "sampler" else task_params)[bare] = value
+        elif key in sampler_keys and key in task_keys:
+            raise UserError(f"--set {key} is a parameter of both the sampler and the task; write sampler.{key}= or task.{key}=")
+        elif key in sampler_keys:
+            sampler_params[key] = value
+        elif key in task_keys:
+            task_params[key] = value
+        else:
+            known = sorted({*sampler_keys, *task_keys})
+            raise UserError(
+                f"unknown --set key {key!r}{suggest(key, known)}; sampler {sampler!r} and task {task!r} "
+                f"take: {', '.join(known) or 'no parameters'}"
+            )
+    return sampler_params, task_params
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early, before any work, if ``folder`` cannot be created or written."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"output path {str(probe)!r} is a file, not a folder; pass --out DIR")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {str(folder)!r} is not writable; pass --out DIR with a writable folder")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def validate_numbers(config: RunConfig) -> None:
+    """Range checks that need no data."""
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {config.batch_size}")
+    if config.steps is not None and config.epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    if config.steps is not None and config.steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {config.steps}")
+    if config.epochs is not None and not (math.isfinite(config.epochs) and config.epochs > 0):
+        raise UserError(f"--epochs must be a positive number, got {config.epochs}")
+    if config.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}{suggest(config.optimizer, OPTIMIZERS)}")
+    for name, value in (("--lr", config.lr), ("--momentum", config.momentum), ("--weight-decay", config.weight_decay)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{name} must be a finite number >= 0, got {value}")
+    if config.momentum >= 1:
+        raise UserError(f"--momentum must be in [0, 1), got {config.momentum}")
+    if not (math.isfinite(config.beta) and config.beta > 0):
+        raise UserError(f"--beta must be a finite number > 0, got {config.beta}")
+    if config.seed is not None and not 0 <= config.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2^32), got {config.seed}")
+    if config.eval_every is not None and config.eval_every < 1:
+        raise UserError(f"--eval-every must be a positive integer, got {config.eval_every}")
+    if config.tv_steps < 0:
+        raise UserError(f"--tv-steps must be >= 0 (0 turns sampling_tv off), got {config.tv_steps}")
+    if config.tv_anchors < 1:
+        raise UserError(f"--tv-anchors must be a positive integer, got {config.tv_anchors}")
+
+
+def choose_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def as_dict(config: RunConfig) -> dict[str, Any]:
+    data = asdict(config)
+    data["out"] = str(config.out)
+    data["data_root"] = None if config.data_root is None else str(config.data_root)
+    return data

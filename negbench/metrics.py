@@ -1,0 +1,76 @@
+"""Representation metrics: alignment and uniformity (Wang & Isola, 2020), the linear probe and
+k-NN accuracy, and the process's peak memory."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor
+
+#: The fixed evaluation protocol, recorded in every config.json. Never tuned on the test split.
+PROBE_PROTOCOL = {
+    "features": "frozen encoder features (the layer before the projection head), clean inputs",
+    "linear_probe": "StandardScaler + LogisticRegression(C=1.0, lbfgs, max_iter=1000) on the train split",
+    "knn": "k-NN with k = 1 and 10, cosine distance, uniform votes, on the train split",
+    "score": "accuracy on the test split",
+}
+
+
+def alignment(views: Tensor) -> float:
+    """Mean ‖e_ia − e_ib‖² over the positive pairs (a ≠ b) of (N, m, d) embeddings."""
+    n, m, _ = views.shape
+    diffs = views[:, :, None, :] - views[:, None, :, :]
+    sq = diffs.pow(2).sum(-1)
+    return float(sq.sum() / (n * m * (m - 1)))
+
+
+def uniformity(views: Tensor, chunk_size: int = 2048) -> float:
+    """log mean exp(−2‖e − e'‖²) over pairs of views of different items, in chunks."""
+    n, m, d = views.shape
+    flat = views.reshape(n * m, d).double()
+    item = torch.arange(n, device=views.device).repeat_interleave(m)
+    total = torch.tensor(float("-inf"), dtype=torch.float64, device=views.device)
+    for start in range(0, n * m, chunk_size):
+        sq = (2.0 - 2.0 * flat[start : start + chunk_size] @ flat.T).clamp_min(0.0)
+        logits = (-2.0 * sq).masked_fill(item[start : start + chunk_size, None] == item[None, :], float("-inf"))
+        total = torch.logaddexp(total, logits.logsumexp(dim=(0, 1)))
+    num_pairs = n * m * (n - 1) * m
+    return float(total) - math.log(num_pairs)
+
+
+def probe_accuracies(
+    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor
+) -> dict[str, float]:
+    """``lp_acc``, ``knn1_acc``, ``knn10_acc`` under :data:`PROBE_PROTOCOL`."""
+    x_train = train_features.double().cpu().numpy()
+    x_test = test_features.double().cpu().numpy()
+    y_train = train_labels.cpu().numpy()
+    y_test = test_labels.cpu().numpy()
+    scores: dict[str, float] = {}
+    if len(np.unique(y_train)) > 1:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+        probe.fit(x_train, y_train)
+        scores["lp_acc"] = float(probe.score(x_test, y_test))
+    else:
+        scores["lp_acc"] = float(np.mean(y_test == y_train[0]))
+    for k in (1, 10):
+        knn = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), metric="cosine")
+        knn.fit(x_train, y_train)
+        scores[f"knn{k}_acc"] = float(knn.score(x_test, y_test))
+    return scores
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA ``max_memory_allocated`` on a GPU; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

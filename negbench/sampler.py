@@ -1,0 +1,171 @@
+"""The sampler interface (DESIGN §1.3, §2.2).
+
+Per training step the runner draws B items and two views of each: A = 2B anchors, ordered so
+that anchor ``2k + v`` is view ``v`` of the k-th batch item. The candidates are those A
+anchor views (in the same order) followed by any extra views the sampler asked for. A
+sampler returns a detached, non-negative weight matrix W (A × C); the training loss is
+
+    ℓ = β/A · Σ_a [ Σ_c W_ac <e_a, e_c>  -  <e_a, e_a⁺> ]
+
+and its gradient is the sampler's estimate of ∇F. Per step the runner calls, in order:
+
+1. ``propose(batch)``   → extra views to encode (default: none);
+2. the runner encodes the extras with gradients and builds the candidate set;
+3. ``weigh(sims, batch)`` → W, updating the sampler's per-item state;
+4. ``refresh(encode)``  → optional no-grad re-encoding (caches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from negbench.params import Configurable
+
+#: ``encode(items, views) -> embeddings`` without gradients; view -1 lets the task choose.
+EncodeFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SamplerContext:
+    """What a sampler knows of the run it is bound to."""
+
+    num_items: int
+    num_views: int | None  # m on finite-view tasks; None with fresh random augmentations
+    beta: float
+    dim: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    generator: torch.Generator | None = None
+
+    @property
+    def finite_views(self) -> bool:
+        return self.num_views is not None
+
+
+@dataclass
+class Extras:
+    """Extra candidate views a sampler asks for. ``views[k] = -1`` lets the task choose the
+    view (a fresh augmentation, or a uniformly random fixed view). ``owner[k]`` (optional)
+    restricts extra k to one anchor; without it every anchor may use it."""
+
+    items: Tensor
+    views: Tensor
+    owner: Tensor | None = None
+
+
+@dataclass
+class Batch:
+    """One step's anchors and candidates (ids only, plus the detached anchor embeddings)."""
+
+    anchor_items: Tensor  # (A,) item id of each anchor
+    anchor_views: Tensor  # (A,) view id; with random augmentations 0/1 = draw order
+    positive: Tensor  # (A,) candidate column of each anchor's positive
+    anchor_emb: Tensor  # (A, d) detached
+    candidate_items: Tensor  # (C,) the first A candidates are the anchors themselves
+    candidate_views: Tensor  # (C,)
+    valid: Tensor  # (A, C) bool: candidate c may be a negative of anchor a
+
+    @property
+    def num_anchors(self) -> int:
+        return int(self.anchor_items.shape[0])
+
+    @property
+    def in_batch_valid(self) -> Tensor:
+        return self.valid[:, : self.num_anchors]
+
+    @staticmethod
+    def from_anchors(items: Tensor, views: Tensor, anchor_emb: Tensor) -> "Batch":
+        """The in-batch candidate set: anchor ``2k+v`` has positive ``2k+1-v``; a candidate
+        is valid when it is a view of another item."""
+        num = items.shape[0]
+        positive = torch.arange(num, device=items.device) ^ 1
+        valid = items[:, None] != items[None, :]
+        return Batch(items, views, positive, anchor_emb, items, views, valid)
+
+    def with_extras(self, extras: Extras | None, extra_valid: Tensor | None = None) -> "Batch":
+        """This batch with ``extras`` appended to the candidates. An extra is valid for an
+        anchor of another item (and only for its owner, when it has one); ``extra_valid``
+        (A × K) can restrict it further."""
+        if extras is None or extras.items.numel() == 0:
+            return self
+        valid = self.anchor_items[:, None] != extras.items[None, :]
+        if extras.owner is not None:
+            anchors = torch.arange(self.num_anchors, device=valid.device)
+            valid &= anchors[:, None] == extras.owner[None, :]
+        if extra_valid is not None:
+            valid &= extra_valid
+        return replace(
+            self,
+            candidate_items=torch.cat([self.candidate_items, extras.items]),
+            candidate_views=torch.cat([self.candidate_views, extras.views]),
+            valid=torch.cat([self.valid, valid], dim=1),
+        )
+
+
+class Sampler(Configurable):
+    """Base class of every negative sampler. Subclasses set ``name`` (via
+    ``@register_sampler``), ``description``, ``params``, ``test_params`` and the capability
+    flags, name their per-item state tensors in ``state_attributes``, and implement
+    :meth:`weigh` (and :meth:`propose` / :meth:`refresh` when they need extras or caches)."""
+
+    kind_label: ClassVar[str] = "sampler"
+    #: needs a finite view set (exact over every view); refused on random-augmentation tasks
+    requires_finite_views: ClassVar[bool] = False
+    #: names of the tensor attributes that make up the per-item state (saved, counted)
+    state_attributes: ClassVar[tuple[str, ...]] = ()
+
+    context: SamplerContext | None = None
+
+    def bind(self, context: SamplerContext) -> "Sampler":
+        """Attach to a run (sizes, β, device, generator) and allocate the per-item state."""
+        self.context = context
+        self.generator = context.generator or torch.Generator(device=context.device)
+        self.reset_state()
+        return self
+
+    def reset_state(self) -> None:
+        """Allocate fresh per-item state; samplers without state need not override it."""
+
+    # ---- the per-step protocol -------------------------------------------------------
+    def propose(self, batch: Batch) -> Extras | None:
+        """Extra candidate views to encode with gradients (default none)."""
+        return None
+
+    def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
+        """The weight matrix W (A × C), non-negative, 0 on invalid pairs. ``sims`` holds the
+        detached cosine similarities <e_a, e_c>."""
+        raise NotImplementedError
+
+    def refresh(self, encode: EncodeFn) -> None:
+        """No-grad re-encoding of cached rows (default nothing)."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Sampler-specific metrics accumulated since the last call (then reset)."""
+        return {}
+
+    # ---- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).clone() for name in self.state_attributes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.state_attributes:
+            getattr(self, name).copy_(state[name])
+
+    def state_bytes(self) -> int:
+        """Exact bytes of the per-item state."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.state_attributes)
+
+    # ---- helpers for subclasses ------------------------------------------------------
+    @property
+    def beta(self) -> float:
+        assert self.context is not None, "bind() the sampler first"
+        return self.context.beta
+
+    def masked_softmax(self, sims: Tensor, valid: Tensor) -> Tensor:
+        """softmax(β·sims) over the valid entries of each row; rows with none are all 0."""
+        logits = (self.beta * sims).masked_fill(~valid, float("-inf"))
+        weights = torch.softmax(logits, dim=1)
+        return torch.nan_to_num(weights, nan=0.0)

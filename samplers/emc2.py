@@ -1,0 +1,252 @@
+"""``emc2``: adaptive Metropolis–Hastings negatives (Yau et al., ICML 2024), DESIGN §2.1.
+
+Target: for anchor a, the exact softmax over the negatives, p_a(c) ∝ exp(β s_ac).
+
+State: one Markov chain per (item, view) on finite-view tasks (``chain=view``: each chain has
+one fixed target, an exact MH chain) or per item with random augmentations (``chain=item``,
+the second view's sweep continuing where the first view's ended). A chain stores its state x
+(a view id ``item·m + view``, or an item id; -1 = not started), the log score ℓ = β s_ax
+recorded when x was accepted (start -inf, so the first proposal is always accepted), and
+the step of that acceptance: int32 + float32 + int32 = **12 bytes per chain**.
+
+Per step, anchor a visits its K_a valid in-batch candidates in a random order (the batch is
+a uniform draw, so the proposal is independent of the state and uniform, and p_a is the
+stationary distribution). Proposal c is accepted when
+
+    log U < β s_ac − ℓ,     U ~ Uniform(0, 1),
+
+and then x ← c, ℓ ← β s_ac (log space throughout: β = 100 works). ℓ is *stale*: computed with
+the parameters of the step that accepted it — that is the algorithm. The first
+P = ⌊burn_in·K_a⌋ proposals are burn-in; the state after each later one is recorded, and
+
+    W_ac = (#records on c) / (#used records).
+
+A record can fall on an out-of-batch state (the chain rejected every proposal so far):
+``stale=drop`` leaves it out, ``stale=refresh`` asks for that view as an extra candidate
+(up to A extra encoder passes) so its fresh embedding is used. No extra passes by default.
+Diagnostics: ``accept_rate`` (accepted / proposals after burn-in), ``stale_frac`` (records on
+out-of-batch states), ``empty_frac`` (anchors left with no negative), ``chain_age`` (mean
+steps since the stored scores of this step's chains were computed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from negbench.params import Param
+from negbench.registry import register_sampler
+from negbench.sampler import Batch, Extras, Sampler
+
+NOT_RECORDED = -2
+OUT_OF_BATCH = -1
+
+
+@dataclass
+class SweepResult:
+    column: Tensor  # (A,) final state's candidate column, -1 when out of batch
+    score: Tensor  # (A,) final stored log score
+    accepted: Tensor  # (A,) bool: some proposal was accepted
+    records: Tensor  # (A, K) recorded column, OUT_OF_BATCH, or NOT_RECORDED
+    accepted_after_burn_in: Tensor  # (A,) number of accepted proposals after burn-in
+    proposals_after_burn_in: Tensor  # (A,)
+
+
+def mh_sweep(
+    proposal_scores: Tensor,
+    proposal_columns: Tensor,
+    num_proposals: Tensor,
+    burn_in: Tensor,
+    column: Tensor,
+    score: Tensor,
+    log_u: Tensor,
+) -> SweepResult:
+    """The reference MH sweep, vectorised over chains (rows), sequential over proposals.
+
+    Row a visits proposals t < ``num_proposals[a]`` with log score ``proposal_scores[a, t]``
+    and candidate column ``proposal_columns[a, t]``; it accepts when
+    ``log_u[a, t] < proposal_scores[a, t] - score[a]``. Steps t ≥ ``burn_in[a]`` are recorded.
+    No host synchronisation.
+    """
+    num_chains, num_steps = proposal_scores.shape
+    column = column.clone()
+    score = score.clone()
+    accepted_any = torch.zeros(num_chains, dtype=torch.bool, device=score.device)
+    records = torch.full((num_chains, num_steps), NOT_RECORDED, dtype=torch.long, device=score.device)
+    accepted_late = torch.zeros(num_chains, dtype=torch.long, device=score.device)
+    for t in range(num_steps):
+        active = num_proposals > t
+        accept = active & (log_u[:, t] < proposal_scores[:, t] - score)
+        column = torch.where(accept, proposal_columns[:, t], column)
+        score = torch.where(accept, proposal_scores[:, t], score)
+        accepted_any |= accept
+        late = active & (burn_in <= t)
+        accepted_late += (accept & late).long()
+        records[:, t] = torch.where(late, column, torch.full_like(column, NOT_RECORDED))
+    late_count = (num_proposals - burn_in).clamp_min(0)
+    return SweepResult(column, score, accepted_any, records, accepted_late, late_count)
+
+
+@register_sampler("emc2")
+class EMC2Sampler(Sampler):
+    description = "Adaptive Metropolis-Hastings chains per item/view with stale scores (EMC², ICML 2024)."
+    params = {
+        "burn_in": Param(0.5, "fraction of each sweep's proposals not recorded", low=0.0, high=0.99),
+        "chain": Param("auto", "one chain per view (finite views) or per item", choices=("auto", "view", "item")),
+        "stale": Param("drop", "records on out-of-batch states: drop, or refresh (extra passes)", choices=("drop", "refresh")),
+    }
+    test_params = {"burn_in": 0.5}
+    state_attributes = ("chain_state", "chain_score", "chain_step")
+
+    def reset_state(self) -> None:
+        ctx = self.context
+        assert ctx is not None
+        mode = self.chain
+        if mode == "auto":
+            mode = "view" if ctx.finite_views else "item"
+        if mode == "view" and not ctx.finite_views:
+            raise ValueError("emc2 chain=view needs a finite-view task; use chain=item or chain=auto")
+        self.mode = mode
+        self.views_per_chain = ctx.num_views if mode == "view" else 1
+        num_chains = ctx.num_items * self.views_per_chain
+        self.chain_state = torch.full((num_chains,), -1, dtype=torch.int32, device=ctx.device)
+        self.chain_score = torch.full((num_chains,), float("-inf"), dtype=torch.float32, device=ctx.device)
+        self.chain_step = torch.zeros(num_chains, dtype=torch.int32, device=ctx.device)
+        self.steps_done = 0
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        device = self.chain_state.device
+        self._counters = torch.zeros(8, dtype=torch.float64, device=device)
+
+    # ---- ids ---------------------------------------------------------------------------
+    def _chain_ids(self, batch: Batch) -> Tensor:
+        if self.mode == "view":
+            return batch.anchor_items * self.views_per_chain + batch.anchor_views
+        return batch.anchor_items
+
+    def _candidate_ids(self, items: Tensor, views: Tensor) -> Tensor:
+        if self.mode == "view":
+            return items * self.views_per_chain + views
+        return items
+
+    # ---- protocol ------------------------------------------------------------------------
+    def propose(self, batch: Batch) -> Extras | None:
+        if self.stale != "refresh":
+            return None
+        state = self.chain_state[self._chain_ids(batch)].long()
+        in_batch = (state[:, None] == self._candidate_ids(batch.candidate_items, batch.candidate_views)[None, :]).any(1)
+        # Host sync here is fine: stale=refresh changes the number of encoder passes anyway.
+        need = torch.nonzero((state >= 0) & ~in_batch).squeeze(1)
+        if need.numel() == 0:
+            return None
+        picked = state[need]
+        if self.mode == "view":
+            items, views = picked // self.views_per_chain, picked % self.views_per_chain
+        else:
+            items, views = picked, torch.full_like(picked, -1)
+        return Extras(items, views, owner=need)
+
+    def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
+        num_anchors, num_candidates = sims.shape
+        device = sims.device
+        chains = self._chain_ids(batch)
+        cand_ids = self._candidate_ids(batch.candidate_items, batch.candidate_views)
+        valid = batch.valid
+
+        # Where does each chain's current state sit among this step's candidates?
+        state = self.chain_state[chains].long()
+        match = (state[:, None] == cand_ids[None, :]) & valid
+        has_column = match.any(dim=1)
+        start_column = torch.where(has_column, match.float().argmax(dim=1), torch.full_like(state, OUT_OF_BATCH))
+        start_score = self.chain_score[chains]
+        ages = (self.steps_done - self.chain_step[chains]).double()
+        started = state >= 0
+
+        # Proposals: the valid in-batch candidates in a uniformly random order per anchor.
+        in_batch_valid = batch.in_batch_valid
+        keys = torch.rand(num_anchors, num_anchors, generator=self.generator, device=device)
+        keys = keys.masked_fill(~in_batch_valid, 2.0)
+        order = keys.argsort(dim=1)
+        num_proposals = in_batch_valid.sum(dim=1)
+        burn = torch.floor(self.burn_in * num_proposals.double()).long()
+        scores = (self.beta * sims[:, :num_anchors]).float().gather(1, order)
+        log_u = torch.rand(num_anchors, num_anchors, generator=self.generator, device=device).log_()
+
+        if self.mode == "item":
+            result, final_column, accepted = self._two_phase_sweep(
+                scores, order, num_proposals, burn, start_column, start_score, log_u
+            )
+            chains_written, old_state = chains[0::2], state[0::2]
+        else:
+            result = mh_sweep(scores, order, num_proposals, burn, start_column, start_score, log_u)
+            final_column, accepted = result.column, result.accepted
+            chains_written, old_state = chains, state
+        final_state = torch.where(final_column >= 0, cand_ids[final_column.clamp_min(0)], old_state)
+        self.chain_state[chains_written] = final_state.to(torch.int32)
+        self.chain_score[chains_written] = result.score if self.mode == "view" else result.score[1::2]
+        step = self.chain_step[chains_written]
+        self.chain_step[chains_written] = torch.where(accepted, torch.full_like(step, self.steps_done), step)
+
+        records = result.records
+        used = records >= 0
+        weights = torch.zeros(num_anchors, num_candidates + 1, dtype=sims.dtype, device=device)
+        weights.scatter_add_(1, torch.where(used, records, num_candidates), used.to(sims.dtype))
+        used_count = used.sum(dim=1, keepdim=True)
+        weights = weights[:, :num_candidates] / used_count.clamp_min(1).to(sims.dtype)
+
+        self._counters += torch.stack([
+            result.accepted_after_burn_in.sum(),
+            result.proposals_after_burn_in.sum(),
+            (records == OUT_OF_BATCH).sum(),
+            (records != NOT_RECORDED).sum(),
+            (used_count == 0).sum(),
+            torch.tensor(num_anchors, device=device),
+            (ages * started).sum(),
+            started.sum(),
+        ]).double()
+        self.steps_done += 1
+        return weights
+
+    def _two_phase_sweep(
+        self, scores: Tensor, order: Tensor, num_proposals: Tensor, burn: Tensor,
+        start_column: Tensor, start_score: Tensor, log_u: Tensor,
+    ) -> tuple[SweepResult, Tensor, Tensor]:
+        """chain=item: anchors 2k and 2k+1 share item k's chain; the second view's sweep
+        starts from the state and score the first view's sweep ended on. Returns the merged
+        per-anchor result, and per item the final column and whether anything was accepted."""
+        first, second = slice(0, None, 2), slice(1, None, 2)
+        r1 = mh_sweep(scores[first], order[first], num_proposals[first], burn[first],
+                      start_column[first], start_score[first], log_u[first])
+        # If the first sweep accepted nothing, the state is still the stored one, whose column
+        # for the second anchor is its own (e.g. its own refreshed extra).
+        second_start = torch.where(r1.accepted, r1.column, start_column[second])
+        r2 = mh_sweep(scores[second], order[second], num_proposals[second], burn[second],
+                      second_start, r1.score, log_u[second])
+        merged = SweepResult(*[torch.stack([a, b], dim=1).flatten(0, 1) for a, b in zip(
+            (r1.column, r1.score, r1.accepted, r1.records, r1.accepted_after_burn_in, r1.proposals_after_burn_in),
+            (r2.column, r2.score, r2.accepted, r2.records, r2.accepted_after_burn_in, r2.proposals_after_burn_in),
+        )])
+        final_column = torch.where(r2.accepted, r2.column, second_start)
+        return merged, final_column, r1.accepted | r2.accepted
+
+    def diagnostics(self) -> dict[str, float]:
+        accepted, proposals, stale, records, empty, anchors, age_sum, age_count = self._counters.tolist()
+        self._reset_counters()
+        ratio = lambda num, den: num / den if den else None  # noqa: E731
+        return {
+            "accept_rate": ratio(accepted, proposals),
+            "stale_frac": ratio(stale, records),
+            "empty_frac": ratio(empty, anchors),
+            "chain_age": ratio(age_sum, age_count),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.steps_done = int(state["steps_done"])

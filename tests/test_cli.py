@@ -1,0 +1,149 @@
+"""The CLI end to end on a tiny configuration, the results schema, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clikit import TINY_SYNTHETIC, invoke
+
+ROW_KEYS = {"step", "epoch", "samples_seen", "loss", "gcl", "grad_norm_sq", "grad_error_sq", "alignment",
+            "uniformity", "sampling_tv", "sampling_tv_floor", "lp_acc", "knn1_acc", "knn10_acc", "step_ms",
+            "sampler_ms", "samples_per_s", "peak_mem_bytes", "state_bytes"}
+
+
+def only_run_dir(out):
+    dirs = [d for d in out.iterdir() if d.is_dir()]
+    assert len(dirs) == 1
+    return dirs[0]
+
+
+def test_run_writes_the_results_folder(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, stdout, err = invoke(capsys, "run", *TINY_SYNTHETIC, "--sampler", "simclr", "--batch-size", "4",
+                               "--steps", "8", "--eval-every", "4", "--seed", "1", "--out", str(out),
+                               "--tv-steps", "5", "--grad-error", "--quiet")
+    assert code == 0, err
+    run_dir = only_run_dir(out)
+    assert run_dir.name.startswith("synthetic-in_batch-b4-s1-")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["sampler"] == "in_batch" and config["sampler_params"] == {"include_positive": True}
+    assert config["task_params"]["num_items"] == 24 and config["steps"] == 8 and config["seed"] == 1
+    assert {"torch", "torchvision", "python", "negbench"} <= set(config["versions"])
+    assert set(config["seeds"]) == {"data", "init", "order", "sampler", "probe"}
+    assert config["eval_protocol"]["linear_probe"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 4, 8]
+    for row in rows:
+        assert ROW_KEYS <= set(row)
+    last = rows[-1]
+    for key in ("gcl", "grad_norm_sq", "grad_error_sq", "sampling_tv", "sampling_tv_floor", "lp_acc", "step_ms", "samples_per_s"):
+        assert isinstance(last[key], float), key
+    assert last["state_bytes"] == 0 and last["peak_mem_bytes"] > 0
+    assert last["grad_error_sq"] >= 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["reason"] is None
+    assert summary["final"]["grad_norm_sq"] == last["grad_norm_sq"]
+    second_half = [r["grad_norm_sq"] for r in rows if r["step"] >= 4]
+    assert summary["grad_norm_sq_avg"] == pytest.approx(sum(second_half) / len(second_half))
+    assert summary["grad_norm_sq_min"] == min(r["grad_norm_sq"] for r in rows)
+    assert "grad_norm_sq" in stdout  # the summary table
+    assert not (run_dir / "checkpoint.pt").exists()
+
+    # the same config again is skipped, not rerun
+    code, _, err = invoke(capsys, "run", *TINY_SYNTHETIC, "--sampler", "in_batch", "--batch-size", "4",
+                          "--steps", "8", "--eval-every", "4", "--seed", "1", "--out", str(out),
+                          "--tv-steps", "5", "--grad-error", "--quiet")
+    assert code == 0 and "skipped" in err
+
+
+def test_default_run_uses_emc2_on_digits(tmp_path, capsys):
+    code, _, err = invoke(capsys, "run", "--steps", "3", "--eval-every", "3", "--seed", "0", "--set", "max_items=60",
+                          "--tv-steps", "2", "--out", str(tmp_path), "--quiet")
+    assert code == 0, err
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.name.startswith("digits-emc2-b32-s0-")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["accept_rate"] is not None and rows[-1]["state_bytes"] == 60 * 2 * 12
+
+
+def test_random_seed_is_chosen_and_printed(tmp_path, capsys):
+    code, _, err = invoke(capsys, "run", *TINY_SYNTHETIC, "--sampler", "uniform", "--batch-size", "4", "--steps", "2",
+                          "--tv-steps", "0", "--out", str(tmp_path), "--quiet")
+    assert code == 0
+    seed = json.loads((only_run_dir(tmp_path) / "config.json").read_text())["seed"]
+    assert f"seed {seed}" in err
+
+
+def test_console_script_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "negbench", "list", "samplers"], capture_output=True, text=True)
+    assert result.returncode == 0 and "emc2" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "negbench", "run", "--sampler", "emcc"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "did you mean: emc2" in result.stderr
+
+
+def test_list_shows_parameters(capsys):
+    code, out, _ = invoke(capsys, "list")
+    assert code == 0
+    for text in ("emc2", "burn_in", "in_batch", "simclr", "digits", "synthetic", "num_items"):
+        assert text in out
+
+
+BAD_INPUTS = [
+    (["run", "--sampler", "emcc"], "did you mean: emc2"),
+    (["run", "--task", "digit"], "did you mean: digits"),
+    (["run", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["run", "--batch-size", "-4"], "--batch-size must be a positive integer"),
+    (["run", *TINY_SYNTHETIC, "--batch-size", "25"], "larger than the data set (24 items)"),
+    (["run", "--set", "bogus=1"], "unknown --set key 'bogus'"),
+    (["run", "--set", "burn_in=2"], "must be in [0, 0.99]"),
+    (["run", "--set", "burnin=0.3"], "did you mean: burn_in"),
+    (["run", "--set", "noequals"], "--set expects key=value"),
+    (["run", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+    (["run", "--steps", "0"], "--steps must be a positive integer"),
+    (["run", "--steps", "5", "--epochs", "1"], "not both"),
+    (["run", "--optimizer", "rmsprop"], "--optimizer must be one of sgd, adam"),
+    (["run", "--beta", "0"], "--beta must be a finite number > 0"),
+    (["run", "--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["run", "--device", "tpu"], "--device must be one of auto, cpu, cuda"),
+    (["run", "--plugin", "/nonexistent/plugin.py"], "does not exist"),
+    (["run", "--no-such-option"], "No such option"),
+    (["list", "widgets"], "takes samplers, tasks or all"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if args[0] == "run" and "--no-such-option" not in args else []
+    code, stdout, err = invoke(capsys, *args, *extra)
+    assert code == 2
+    assert message in err, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, _, err = invoke(capsys, "run", *TINY_SYNTHETIC, "--out", str(blocker / "runs"))
+    assert code == 2 and "is a file, not a folder" in err and err.strip().count("\n") == 0
+    if os.geteuid() != 0:  # root ignores permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code, _, err = invoke(capsys, "run", *TINY_SYNTHETIC, "--out", str(locked / "runs"))
+        assert code == 2 and "not writable" in err
+
+
+def test_cuda_requested_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = invoke(capsys, "run", "--device", "cuda", "--out", str(tmp_path / "o"))
+    assert code == 2 and "CUDA is not available" in err
