@@ -1,0 +1,146 @@
+"""EMC² (DESIGN §2.1) against its definition: the MH sweep against a scalar reference,
+log-space acceptance, burn-in, chain sharing across views, stale records, diagnostics."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from negbench.distribution import draw_views, frozen_step
+from negbench.sampler import Batch
+from samplerkit import bound_sampler, frozen_views, run_steps
+
+import negbench.samplers.emc2 as emc2_module
+from negbench.samplers.emc2 import NOT_RECORDED, mh_sweep
+
+
+def scalar_sweep(scores, columns, num, burn, column, score, log_u):
+    """One chain, plain Python floats: accept when log u < s_t - stored score."""
+    records = []
+    accepted_late = 0
+    for t in range(len(scores)):
+        if t >= num:
+            records.append(NOT_RECORDED)
+            continue
+        accept = log_u[t] < scores[t] - score
+        if accept:
+            column, score = columns[t], scores[t]
+        if t >= burn:
+            records.append(column)
+            accepted_late += accept
+        else:
+            records.append(NOT_RECORDED)
+    return column, score, records, accepted_late
+
+
+@pytest.mark.parametrize("beta", [1.0, 20.0, 100.0])
+def test_sweep_matches_scalar_reference(beta):
+    gen = torch.Generator().manual_seed(int(beta))
+    chains, steps = 12, 9
+    scores = beta * (2 * torch.rand(chains, steps, generator=gen) - 1)
+    columns = torch.stack([torch.randperm(steps, generator=gen) for _ in range(chains)])
+    num = torch.randint(0, steps + 1, (chains,), generator=gen)
+    burn = (0.5 * num).floor().long()
+    start_score = beta * (2 * torch.rand(chains, generator=gen) - 1)
+    start_score[0] = float("-inf")  # unstarted chain: first proposal always accepted
+    start_score[1] = 1e30  # a chain that rejects everything
+    start_column = torch.randint(-1, steps, (chains,), generator=gen)
+    log_u = torch.rand(chains, steps, generator=gen).log()
+    result = mh_sweep(scores, columns, num, burn, start_column, start_score, log_u)
+    for a in range(chains):
+        col, sc, recs, late = scalar_sweep(scores[a].tolist(), columns[a].tolist(), int(num[a]), int(burn[a]),
+                                           int(start_column[a]), float(start_score[a]), log_u[a].tolist())
+        assert int(result.column[a]) == col and float(result.score[a]) == pytest.approx(sc)
+        assert result.records[a].tolist() == recs
+        assert int(result.accepted_after_burn_in[a]) == late
+        assert int(result.proposals_after_burn_in[a]) == max(int(num[a]) - int(burn[a]), 0)
+    assert bool(torch.isfinite(result.score[2:]).all())
+    assert int(result.column[1]) == int(start_column[1])  # all rejected: state unchanged
+
+
+def test_first_proposal_is_always_accepted_and_beta_100_is_finite():
+    views = frozen_views()
+    sampler = bound_sampler("emc2", beta=100.0)
+    (batch, weights), = run_steps(sampler, views, steps=1, batch_size=6)
+    assert torch.isfinite(weights).all()
+    chains = batch.anchor_items * 2 + batch.anchor_views
+    assert (sampler.chain_state[chains] >= 0).all()
+    assert torch.isfinite(sampler.chain_score[chains]).all()
+    assert sampler.chain_score[chains].abs().max() <= 100.0 + 1e-3
+
+
+def test_records_follow_burn_in():
+    views = frozen_views()
+    for burn_in, expected_records in [(0.0, 10), (0.5, 5), (0.75, 3)]:
+        sampler = bound_sampler("emc2", burn_in=burn_in)
+        (batch, weights), = run_steps(sampler, views, steps=1, batch_size=6)  # 10 valid proposals each
+        # first step: all chains start unstarted, so every record is in the batch
+        counts = (weights * expected_records).round()
+        assert torch.allclose(weights * expected_records, counts, atol=1e-5)
+        assert torch.allclose(weights.sum(1), torch.ones(12))
+
+
+def test_state_is_twelve_bytes_per_chain():
+    assert bound_sampler("emc2", n=40, m=2).state_bytes() == 40 * 2 * 12
+    assert bound_sampler("emc2", n=40, m=None).state_bytes() == 40 * 12  # chain=item
+    assert bound_sampler("emc2", n=40, m=2, chain="item").state_bytes() == 40 * 12
+
+
+def test_chain_view_needs_finite_views():
+    with pytest.raises(ValueError, match="finite-view"):
+        bound_sampler("emc2", m=None, chain="view")
+
+
+def test_chain_item_second_view_continues_first_views_chain(monkeypatch):
+    calls = []
+    real = emc2_module.mh_sweep
+
+    def spy(*args):
+        result = real(*args)
+        calls.append((args, result))
+        return result
+
+    monkeypatch.setattr(emc2_module, "mh_sweep", spy)
+    views = frozen_views()
+    sampler = bound_sampler("emc2", chain="item")
+    run_steps(sampler, views, steps=3, batch_size=5)
+    assert len(calls) == 6  # two phases per step
+    for first, second in zip(calls[0::2], calls[1::2]):
+        (_, first_result), (second_args, _) = first, second
+        torch.testing.assert_close(second_args[5], first_result.score)  # score carried over
+        moved = first_result.accepted
+        assert torch.equal(second_args[4][moved], first_result.column[moved])  # state carried over
+
+
+def test_stale_drop_and_refresh():
+    views = frozen_views()
+    drop = bound_sampler("emc2", stale="drop", beta=20.0)
+    refresh = bound_sampler("emc2", stale="refresh", beta=20.0)
+    out_drop = run_steps(drop, views, steps=30, batch_size=3, seed=4)
+    out_refresh = run_steps(refresh, views, steps=30, batch_size=3, seed=4)
+    diag_drop, diag_refresh = drop.diagnostics(), refresh.diagnostics()
+    assert diag_drop["stale_frac"] > 0.05  # with batch 3 of 40 items, chains often sit out of batch
+    assert diag_drop["empty_frac"] > 0
+    assert diag_refresh["stale_frac"] == 0 and diag_refresh["empty_frac"] == 0
+    # refresh asked for the stale states as owned extras, and put weight on them
+    extra_mass = sum(float(w[:, b.num_anchors:].sum()) for b, w in out_refresh)
+    assert extra_mass > 0
+    assert all(w.shape[1] == b.num_anchors for b, w in out_drop)
+    for key in ("accept_rate", "chain_age"):
+        assert 0 <= diag_drop[key] and diag_refresh[key] is not None
+    assert 0 < diag_drop["accept_rate"] <= 1
+
+
+def test_accept_rate_counts_only_post_burn_in_proposals():
+    views = frozen_views()
+    sampler = bound_sampler("emc2", burn_in=0.5)
+    (batch, _), = run_steps(sampler, views, steps=1, batch_size=6)
+    diag = sampler.diagnostics()
+    # the first accepted proposal happens at t = 0 (unstarted chains), inside the burn-in
+    assert diag["accept_rate"] < 1.0
+    assert diag["chain_age"] is None  # no chain had a stored score before this step
+    run_steps(sampler, views, steps=3, batch_size=6, seed=1)
+    assert sampler.diagnostics()["chain_age"] >= 0
