@@ -15,7 +15,7 @@ ALL = list_samplers()
 
 
 def test_registry_has_the_design_samplers():
-    assert {"uniform", "in_batch", "full_softmax", "emc2"} <= set(ALL)
+    assert {"uniform", "in_batch", "full_softmax", "emc2", "importance", "sogclr", "neg_cache"} <= set(ALL)
     assert SAMPLERS.get_class("simclr") is SAMPLERS.get_class("in_batch")
     assert not SAMPLERS.failures, SAMPLERS.failures
 
