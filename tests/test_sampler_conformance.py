@@ -72,8 +72,11 @@ def test_state_dict_round_trip_resumes_identically(name):
     resumed.load_state_dict(state)
     resumed.generator.set_state(generator_state)
     got = run_steps(resumed, views, steps=2, batch_size=5, seed=8)
-    for (_, w1), (_, w2) in zip(expected, got):
+    for (b1, w1), (b2, w2) in zip(expected, got):
         torch.testing.assert_close(w1, w2, rtol=0, atol=0)
+        # the same extras too: W alone does not show which items a sampler drew
+        assert torch.equal(b1.candidate_items, b2.candidate_items)
+        assert torch.equal(b1.candidate_views, b2.candidate_views)
     assert resumed.state_bytes() == reference.state_bytes()
 
 
