@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from negbench.errors import UserError
 from negbench.params import Param
 from negbench.registry import register_sampler
 from negbench.sampler import Batch, EncodeFn, Extras, Sampler
@@ -77,7 +78,7 @@ class NegativeCacheSampler(Sampler):
         if mode == "auto":
             mode = "view" if ctx.finite_views else "item"
         if mode == "view" and not ctx.finite_views:
-            raise ValueError("neg_cache cache=view needs a finite-view task; use cache=item or cache=auto")
+            raise UserError("neg_cache cache=view needs a finite-view task; use --set cache=item or cache=auto")
         self.mode = mode
         self.views_per_item = ctx.num_views if mode == "view" else 1
         rows = ctx.num_items * self.views_per_item

@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 
 from clikit import TINY_SYNTHETIC, invoke
-from negbench import Batch, get_sampler
+from negbench import Batch, UserError, get_sampler
 from negbench.distribution import exact_negative_distribution, frozen_step, iid_tv_floor, negative_distribution, total_variation
 from negbench.sampler import SamplerContext
 from samplerkit import frozen_views, one_thread  # noqa: F401 (autouse fixture)
@@ -114,7 +114,7 @@ def test_frozen_embeddings_with_a_view_cache_sample_the_exact_softmax():
 def test_state_bytes():
     assert bound(10, 5.0, dim=4).state_bytes() == 10 * 2 * (4 * 4 + 4)
     assert bound(10, 5.0, num_views=None, dim=4).state_bytes() == 10 * (4 * 4 + 4)
-    with pytest.raises(ValueError, match="finite-view"):
+    with pytest.raises(UserError, match="finite-view"):
         bound(10, 5.0, num_views=None, cache="view")
 
 
