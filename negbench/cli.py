@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from negbench.config import RunConfig, split_set_options
@@ -94,7 +95,7 @@ def _component_table(registry, title: str) -> Table:  # type: ignore[no-untyped-
         if getattr(cls, "finite_views", None) is not None:
             notes.append("finite views" if cls.finite_views else "random augmentations")
         description = cls.description + (f" ({'; '.join(notes)})" if notes else "")
-        table.add_row(label, description, params or "-")
+        table.add_row(label, escape(description), escape(params) or "-")  # "[float in (0, 1]" is not markup
     for name, error in sorted(registry.failures.items()):
         table.add_row(f"[red]{name}[/red]", f"[red]failed to import: {error}[/red]", "-")
     return table

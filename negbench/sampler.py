@@ -114,6 +114,9 @@ class Sampler(Configurable):
     kind_label: ClassVar[str] = "sampler"
     #: needs a finite view set (exact over every view); refused on random-augmentation tasks
     requires_finite_views: ClassVar[bool] = False
+    #: each row of W sums to 1 (0 for an anchor without candidates); False for reweighting
+    #: estimators (e.g. sogclr) whose rows sum to a random positive number
+    normalised_weights: ClassVar[bool] = True
     #: names of the tensor attributes that make up the per-item state (saved, counted)
     state_attributes: ClassVar[tuple[str, ...]] = ()
 

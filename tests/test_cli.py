@@ -94,6 +94,12 @@ def test_list_shows_parameters(capsys):
         assert text in out
 
 
+def test_list_prints_parameter_ranges_verbatim(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # one line per parameter
+    code, out, _ = invoke(capsys, "list", "samplers")
+    assert code == 0 and "[float in (0, 1]]" in out  # sogclr's gamma: not swallowed as rich markup
+
+
 BAD_INPUTS = [
     (["run", "--sampler", "emcc"], "did you mean: emc2"),
     (["run", "--task", "digit"], "did you mean: digits"),
