@@ -8,65 +8,110 @@ it trains through ``negbench.distributed`` and saves ``rank<r>.pt`` in the folde
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from rich.console import Console
 
 from negbench import list_samplers, runner
 from negbench.config import RunConfig
-from negbench.registry import SAMPLERS
+from negbench.encoders import Encoder, mlp_encoder
+from negbench.registry import SAMPLERS, TASKS
+from negbench.task import Task
 
 NUM_ITEMS, BATCH, STEPS = 16, 8, 4  # N/B = 2: items are revisited, so chain states go stale
-TASK_PARAMS = {"num_items": NUM_ITEMS, "input_dim": 8, "hidden": 16, "dim": 8, "views": 3}
-#: variants beyond every registered sampler's test_params: name -> (sampler, params, extra chunk)
-EXTRA_VARIANTS: dict[str, tuple[str, dict[str, Any], int | None]] = {
-    "emc2-stale-refresh": ("emc2", {"stale": "refresh"}, None),
-    "emc2-chain-item": ("emc2", {"chain": "item", "stale": "refresh"}, None),
-    "full_softmax-two-pass": ("full_softmax", {}, 10),  # 48 extras in chunks of 10
+SYNTHETIC = {"num_items": NUM_ITEMS, "input_dim": 8, "hidden": 16, "dim": 8, "views": 3}
+AUGMENTED_TASK = "dist_test_augmented_points"
+
+
+class AugmentedPoints(Task):
+    """A random-augmentation task: every view is a fresh noisy copy of a fixed point, drawn from
+    the runner's data generator (so the ranks must draw the same augmentations)."""
+
+    finite_views = False
+    labelled = False
+
+    def load(self, *, seed: int, data_root: Path | None = None) -> None:
+        self.points = torch.randn(NUM_ITEMS, 8, generator=torch.Generator().manual_seed(seed))
+        self.num_items, self.num_views = NUM_ITEMS, None
+
+    def inputs(self, items: torch.Tensor, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.points[items] + 0.3 * torch.randn(items.numel(), 8, generator=generator)
+
+    def make_encoder(self) -> Encoder:
+        return mlp_encoder(8, 16, 8)
+
+
+@contextlib.contextmanager
+def augmented_task_registered() -> Iterator[None]:
+    """The test task exists only while a variant uses it (other tests see the real registry)."""
+    TASKS.register(AUGMENTED_TASK)(AugmentedPoints)
+    try:
+        yield
+    finally:
+        TASKS._classes.pop(AUGMENTED_TASK, None)
+
+
+class Variant(NamedTuple):
+    sampler: str
+    params: dict[str, Any]
+    task: str = "synthetic"
+    extra_chunk: int | None = None  # a small runner.EXTRA_CHUNK forces the two-pass extras path
+
+
+#: variants beyond every registered sampler's test_params on the synthetic task
+EXTRA_VARIANTS = {
+    "emc2-stale-refresh": Variant("emc2", {"stale": "refresh"}),
+    "emc2-chain-item": Variant("emc2", {"chain": "item", "stale": "refresh"}),
+    "full_softmax-two-pass": Variant("full_softmax", {}, extra_chunk=10),  # 48 extras in chunks of 10
+    "in_batch-augmented": Variant("in_batch", {}, task=AUGMENTED_TASK),
+    "emc2-augmented-stale-refresh": Variant("emc2", {"stale": "refresh"}, task=AUGMENTED_TASK),
 }
 
 
-def variants() -> dict[str, tuple[str, dict[str, Any], int | None]]:
+def variants() -> dict[str, Variant]:
     """Every registered sampler with its ``test_params``, plus :data:`EXTRA_VARIANTS`."""
-    out: dict[str, tuple[str, dict[str, Any], int | None]] = {
-        name: (name, {}, None) for name in list_samplers()
-    }
-    out.update(EXTRA_VARIANTS)
-    return out
+    return {**{name: Variant(name, {}) for name in list_samplers()}, **EXTRA_VARIANTS}
 
 
 def run_variant(name: str, out: Path) -> dict[str, Any]:
-    sampler, params, chunk = variants()[name]
+    variant = variants()[name]
     config = RunConfig(
-        sampler=sampler, task="synthetic", batch_size=BATCH, steps=STEPS, optimizer="sgd", lr=0.5,
+        sampler=variant.sampler, task=variant.task, batch_size=BATCH, steps=STEPS, optimizer="sgd", lr=0.5,
         momentum=0.5, beta=5.0, seed=11, device="cpu", out=out, tv_steps=0,
-        sampler_params={**SAMPLERS.get_class(sampler).test_params, **params}, task_params=dict(TASK_PARAMS),
+        sampler_params={**SAMPLERS.get_class(variant.sampler).test_params, **variant.params},
+        task_params=dict(SYNTHETIC) if variant.task == "synthetic" else {},
     )
     default_chunk = runner.EXTRA_CHUNK
-    if chunk is not None:
-        runner.EXTRA_CHUNK = chunk
-    try:
-        trainer = runner.Trainer(runner.prepare(config), Console(quiet=True), show_progress=False)
-        record: dict[str, Any] = {"grads": [], "losses": [], "extras": []}
-        propose = trainer.sampler.propose
+    if variant.extra_chunk is not None:
+        runner.EXTRA_CHUNK = variant.extra_chunk
+    with augmented_task_registered():
+        try:
+            return _train(config)
+        finally:
+            runner.EXTRA_CHUNK = default_chunk
 
-        def counting_propose(batch):  # type: ignore[no-untyped-def]
-            extras = propose(batch)
-            record["extras"].append(0 if extras is None else int(extras.items.numel()))
-            return extras
 
-        trainer.sampler.propose = counting_propose  # type: ignore[method-assign]
-        for _ in range(STEPS):
-            record["losses"].append(trainer.train_step())
-            record["grads"].append([p.grad.detach().clone() for p in trainer.params])
-        record["params"] = [p.detach().clone() for p in trainer.params]
-        record["state"] = trainer.sampler.state_dict()
-        return record
-    finally:
-        runner.EXTRA_CHUNK = default_chunk
+def _train(config: RunConfig) -> dict[str, Any]:
+    trainer = runner.Trainer(runner.prepare(config), Console(quiet=True), show_progress=False)
+    record: dict[str, Any] = {"grads": [], "losses": [], "extras": []}
+    propose = trainer.sampler.propose
+
+    def counting_propose(batch):  # type: ignore[no-untyped-def]
+        extras = propose(batch)
+        record["extras"].append(0 if extras is None else int(extras.items.numel()))
+        return extras
+
+    trainer.sampler.propose = counting_propose  # type: ignore[method-assign]
+    for _ in range(STEPS):
+        record["losses"].append(trainer.train_step())
+        record["grads"].append([p.grad.detach().clone() for p in trainer.params])
+    record["params"] = [p.detach().clone() for p in trainer.params]
+    record["state"] = trainer.sampler.state_dict()
+    return record
 
 
 def agreement_checks() -> dict[str, Any]:
