@@ -18,8 +18,10 @@ Every rank stays an exact replica of a single-process run on the same global bat
   (∂ℓ/∂e = Σ_r ∂ℓ_r/∂e, an all-reduce), and the parameter gradients are summed over ranks
   (:func:`sum_gradients`): every rank then holds ∇_θ ℓ — the single-process gradient — and takes
   the same optimiser step;
-* evaluations run on every rank (they are deterministic, so every stop decision agrees); only
-  rank 0 writes files and prints; a signal stops all ranks at the same step (:func:`any_rank`).
+* evaluations run on every rank (they are deterministic, so every stop decision agrees) and
+  first check that the replicas are still identical (:func:`check_replicas`); only rank 0 writes
+  files and prints (:func:`from_main` hands its reads to the others); a signal stops all ranks at
+  the same step (:func:`any_rank`).
 
 Without torchrun (``WORLD_SIZE`` unset or 1) every helper is the identity, so the single-process
 path is unchanged.
@@ -45,9 +47,9 @@ from negbench.objective import surrogate_loss
 T = TypeVar("T")
 
 __all__ = [
-    "any_rank", "check_batch_size", "check_replicas", "describe", "from_main", "gather_rows", "init_from_env", "is_main",
-    "launch", "rank", "rank_device", "rank_loss", "replicate_model", "shard", "shard_bounds",
-    "sum_gradients", "world_size",
+    "any_rank", "check_batch_size", "check_replicas", "describe", "from_main", "gather_rows", "init_from_env",
+    "is_main", "launch", "launched_by_torchrun", "rank", "rank_device", "rank_loss", "replicate_model", "shard",
+    "shard_bounds", "sum_gradients", "world_size",
 ]
 
 
