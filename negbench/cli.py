@@ -31,6 +31,7 @@ app = typer.Typer(
 )
 
 PLUGIN_HELP = "Python file registering extra samplers/tasks (repeatable)."
+_DEBUG = False  # --debug was given (forwarded to the processes `run --nproc` starts)
 
 
 def _load_plugins(plugins: Optional[list[Path]]) -> None:
@@ -40,6 +41,7 @@ def _load_plugins(plugins: Optional[list[Path]]) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     sampler: str = typer.Option("emc2", help="Sampler name or alias (`negbench list samplers`)."),
     task: str = typer.Option("digits", help="Task name (`negbench list tasks`)."),
     batch_size: int = typer.Option(32, help="Items per step B (2B anchors)."),
@@ -61,8 +63,12 @@ def run(
     tv_anchors: int = typer.Option(8, help="Probe anchor items of sampling_tv."),
     plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    nproc: int = typer.Option(1, "--nproc", help="Train with this many processes on this machine, started with "
+                              "torchrun (gloo on CPU, nccl on CUDA: one GPU each); --batch-size is the global "
+                              "batch and must be divisible by it."),
 ) -> None:
     """Train one sampler on one task and write results/runs/<run-id>/."""
+    from negbench import distributed
     from negbench.runner import run as run_one, summary_table
 
     _load_plugins(plugin)
@@ -74,10 +80,60 @@ def run(
         sampler_params=sampler_params, task_params=task_params, grad_error=grad_error,
         tv_steps=tv_steps, tv_anchors=tv_anchors,
     )
+    if nproc != 1:
+        raise typer.Exit(_launch(ctx, config, nproc))
     outcome = run_one(config, show_progress=not quiet)
-    Console().print(summary_table(outcome.summary, f"{outcome.run_dir}"))
+    if distributed.is_main():
+        Console().print(summary_table(outcome.summary, f"{outcome.run_dir}"))
     if outcome.summary["status"] == "interrupted":
         raise typer.Exit(130)
+
+
+def _launch(ctx: typer.Context, config: RunConfig, nproc: int) -> int:
+    """``negbench run --nproc N``: validate here (one-line errors, nothing started), then rerun
+    the same command without ``--nproc`` as N processes under torchrun; returns its exit code."""
+    import torch
+
+    from negbench import distributed
+    from negbench.config import resolve_device
+    from negbench.runner import prepare
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be a positive integer, got {nproc}")
+    if distributed.launched_by_torchrun():
+        raise UserError("--nproc starts torchrun itself; under torchrun leave --nproc out")
+    distributed.check_batch_size(config.batch_size, nproc)
+    if resolve_device(config.device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(
+            f"--nproc {nproc} needs {nproc} GPUs but {torch.cuda.device_count()} are visible; "
+            "use fewer processes or --device cpu"
+        )
+    prepare(config)
+    return distributed.launch(nproc, _forwarded_args(ctx, drop={"nproc"}))
+
+
+def _forwarded_args(ctx: typer.Context, drop: set[str]) -> list[str]:
+    """The command line of ``ctx`` as the user gave it (options left at their defaults are
+    omitted), without the parameters named in ``drop``."""
+    args = [ctx.info_name or ""]
+    for param in ctx.command.params:
+        name = param.name or ""
+        source = ctx.get_parameter_source(name)
+        if name in drop or source is None or source.name == "DEFAULT":
+            continue
+        value = ctx.params[name]
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            if value:
+                args.append(flag)
+            elif param.secondary_opts:
+                args.append(param.secondary_opts[0])
+            continue
+        for item in value if getattr(param, "multiple", False) else [value]:
+            args += [flag, str(item)]
+    if _DEBUG:
+        args.append("--debug")
+    return args
 
 
 def _component_table(registry, title: str) -> Table:  # type: ignore[no-untyped-def]
@@ -117,14 +173,22 @@ def list_(
         console.print(_component_table(TASKS, "tasks"))
 
 
+def _rank_label() -> str:
+    """``[rank r] `` in the processes of a multi-process run other than rank 0."""
+    from negbench import distributed
+
+    return f"[rank {distributed.rank()}] " if distributed.rank() > 0 else ""
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app, turning every expected error into one line and exit code 2."""
+    global _DEBUG
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    debug = _DEBUG = "--debug" in args
     if debug:
         args.remove("--debug")
     command = typer.main.get_command(app)
@@ -133,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as exc:
         if debug:
             raise
-        print(f"negbench: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"negbench: error: {_rank_label()}{_one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except click_exceptions.NoArgsIsHelpError as exc:
         print(exc.format_message(), file=sys.stderr)

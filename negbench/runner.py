@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import Tensor
 
-from negbench import __version__
+from negbench import __version__, distributed
 from negbench.config import (
     DEFAULT_LR,
     DEFAULT_STEPS,
@@ -36,7 +36,7 @@ from negbench.config import (
 from negbench.distribution import draw_views, sampling_tv
 from negbench.errors import UserError
 from negbench.metrics import PROBE_PROTOCOL, alignment, peak_memory_bytes, probe_accuracies, uniformity
-from negbench.objective import exact_gradient, surrogate_loss
+from negbench.objective import exact_gradient
 from negbench.registry import SAMPLERS, TASKS
 from negbench.results import (
     CHECKPOINT,
@@ -110,6 +110,8 @@ def prepare(config: RunConfig) -> Prepared:
     """Validate every option and resolve every default, loading the task's data (which may
     fail with a clear error), but writing nothing."""
     validate_numbers(config)
+    distributed.init_from_env(config.device)
+    distributed.check_batch_size(config.batch_size)
     sampler = SAMPLERS.get_class(config.sampler)(**config.sampler_params)
     task = TASKS.get_class(config.task)(**config.task_params)
     if sampler.requires_finite_views and not task.finite_views:
@@ -117,9 +119,9 @@ def prepare(config: RunConfig) -> Prepared:
             f"sampler {sampler.name!r} needs a finite view set but task {task.name!r} draws random "
             "augmentations; use a finite-view task (synthetic, digits, stl10_subset)"
         )
-    device = resolve_device(config.device)
+    device = distributed.rank_device(resolve_device(config.device))
     check_writable(config.out)
-    seed = choose_seed() if config.seed is None else config.seed
+    seed = distributed.from_main(choose_seed) if config.seed is None else config.seed
     task.load(seed=derive_seed(seed, "data"), data_root=config.data_root)
     n = task.num_items
     if config.batch_size > n:
@@ -161,6 +163,7 @@ def prepare(config: RunConfig) -> Prepared:
         "items_per_batch_ratio": n / config.batch_size,
         "eval_protocol": PROBE_PROTOCOL if task.labelled else None,
         "versions": _versions(device),
+        "distributed": distributed.describe(),
         "options": as_dict(config),
     }
     return Prepared(config, resolved, config.out / rid, task, sampler, device, steps, eval_every, lr, seed)
@@ -226,6 +229,7 @@ class Trainer:
         seeds = prep.resolved["seeds"]
         torch.manual_seed(seeds["init"])
         self.model = self.task.make_encoder().to(self.device)
+        self.model = distributed.replicate_model(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         cfg = prep.config
         if cfg.optimizer == "sgd":
@@ -283,6 +287,17 @@ class Trainer:
         x = self.task.inputs(items.cpu(), views.cpu(), self.data_generator)
         return x.to(self.device, non_blocking=True)
 
+    def shard_inputs(self, items: Tensor, views: Tensor) -> Tensor:
+        """The encoder inputs of this rank's shard of the views (all of them in one process).
+        Every rank builds every input, so the data generator stays the same on all ranks."""
+        x = self.task.inputs(items.cpu(), views.cpu(), self.data_generator)
+        return x[distributed.shard(x.shape[0])].to(self.device, non_blocking=True)
+
+    def encode_with_grad(self, items: Tensor, views: Tensor) -> Tensor:
+        """Embeddings of these views with gradients, identical on every rank: each rank encodes
+        its shard and the shards are all-gathered with gradients."""
+        return distributed.gather_rows(self.model(self.shard_inputs(items, views)), items.numel())
+
     # ---- one step -----------------------------------------------------------------------
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -301,7 +316,7 @@ class Trainer:
             anchor_views = torch.tensor([0, 1]).repeat(items.numel())
             input_views = torch.full_like(anchor_views, -1)
         anchor_items = items.repeat_interleave(2)
-        anchor_emb = self.model(self.encode_inputs(anchor_items, input_views))
+        anchor_emb = self.encode_with_grad(anchor_items, input_views)
         anchor_items = anchor_items.to(self.device)
         anchor_views = anchor_views.to(self.device)
         batch = Batch.from_anchors(anchor_items, anchor_views, anchor_emb.detach())
@@ -316,13 +331,14 @@ class Trainer:
         two_pass = False
         if extras is not None and extras.items.numel():
             extras.views = self.resolve_views(extras.views)
-            extra_inputs = self.encode_inputs(extras.items, extras.views)
+            extra_inputs = self.shard_inputs(extras.items, extras.views)
             two_pass = extras.items.numel() > EXTRA_CHUNK
             if two_pass:
                 with torch.no_grad():
                     extra_emb = torch.cat([self.model(extra_inputs[s : s + EXTRA_CHUNK]) for s in range(0, extra_inputs.shape[0], EXTRA_CHUNK)])
             else:
                 extra_emb = self.model(extra_inputs)
+            extra_emb = distributed.gather_rows(extra_emb, extras.items.numel())
             batch = batch.with_extras(extras)
         candidate_emb = anchor_emb if extra_emb is None else torch.cat([anchor_emb, extra_emb])
 
@@ -334,17 +350,18 @@ class Trainer:
         self._sync()
         sampler_seconds += time.perf_counter() - t_sampler
 
-        loss = surrogate_loss(anchor_emb, candidate_emb, weights, batch.positive, self.beta)
+        loss = distributed.rank_loss(anchor_emb, candidate_emb, weights, batch.positive, self.beta)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         if two_pass:
             # ∂ℓ/∂e_c = β/A Σ_a W_ac e_a for the detached extras, pulled back chunk by chunk.
             a = batch.num_anchors
             extra_grad = self.beta / a * weights[:, a:].T @ anchor_emb.detach()
+            extra_grad = extra_grad[distributed.shard(extra_grad.shape[0])]
             for s in range(0, extra_inputs.shape[0], EXTRA_CHUNK):
                 self.model(extra_inputs[s : s + EXTRA_CHUNK]).backward(extra_grad[s : s + EXTRA_CHUNK])
 
-        loss_value = float(loss.detach())
+        loss_value = distributed.sum_gradients(self.params, loss)
         if self.prep.config.grad_error and math.isfinite(loss_value):
             _, exact = self.exact(return_embeddings=False)
             error = sum(float((p.grad - g).pow(2).sum()) for p, g in zip(self.params, exact))
@@ -370,8 +387,10 @@ class Trainer:
     @torch.no_grad()
     def _encode_no_grad(self, items: Tensor, views: Tensor) -> Tensor:
         views = self.resolve_views(views)
-        inputs = self.encode_inputs(items, views)
-        return torch.cat([self.model(inputs[s : s + EXTRA_CHUNK]) for s in range(0, inputs.shape[0], EXTRA_CHUNK)])
+        inputs = self.shard_inputs(items, views)
+        # max(1, ·): a rank whose shard is empty still returns a (0, d) tensor to the gather
+        chunks = [self.model(inputs[s : s + EXTRA_CHUNK]) for s in range(0, max(1, inputs.shape[0]), EXTRA_CHUNK)]
+        return distributed.gather_rows(torch.cat(chunks), items.numel())
 
     # ---- evaluation -----------------------------------------------------------------------
     def exact(self, return_embeddings: bool = True) -> tuple[float, list[Tensor]] | tuple[float, list[Tensor], Tensor]:
@@ -396,6 +415,7 @@ class Trainer:
         return self.model(inputs).reshape(items.numel(), 2, -1)
 
     def evaluate(self) -> dict[str, Any]:
+        distributed.check_replicas(self.params, self.sampler.state_dict())
         cfg = self.prep.config
         was_training = self.model.training
         self.model.eval()
@@ -543,30 +563,38 @@ def run(
     :class:`UserError` before anything is written."""
     console = console or Console(stderr=True)
     prep = prepared or prepare(config)
+    main = distributed.is_main()  # with several processes only rank 0 prints and writes files
+    if not main:
+        console, show_progress = Console(stderr=True, quiet=True), False
     run_dir = prep.run_dir
     summary_path = run_dir / SUMMARY
-    if summary_path.exists():
-        previous = read_json(summary_path)
+    previous = distributed.from_main(lambda: read_json(summary_path) if summary_path.exists() else None)
+    if previous is not None:
         if previous.get("status") in ("completed", "diverged"):
             console.print(f"[dim]{prep.resolved['run_id']}: already {previous['status']}, skipped[/dim]")
             return RunOutcome(run_dir, previous, skipped=True)
 
-    with _folder_lock(run_dir):
+    with _folder_lock(run_dir) if main else contextlib.nullcontext():
         trainer = Trainer(prep, console, show_progress)
         checkpoint_path = run_dir / CHECKPOINT
         metrics_path = run_dir / METRICS
         resumed = False
-        if checkpoint_path.exists():
-            state = torch.load(checkpoint_path, map_location=prep.device, weights_only=False)
+        # rank 0 reads the checkpoint for every rank, onto the CPU (where generator states live)
+        state = distributed.from_main(
+            lambda: torch.load(checkpoint_path, map_location="cpu", weights_only=False) if checkpoint_path.exists() else None
+        )
+        if state is not None:
             trainer.load_checkpoint(state)
-            trainer.rows = read_rows(metrics_path)[: state["rows"]]
-            rewrite_rows(metrics_path, trainer.rows)
+            trainer.rows = distributed.from_main(lambda: read_rows(metrics_path))[: state["rows"]]
+            if main:
+                rewrite_rows(metrics_path, trainer.rows)
             resumed = True
             console.print(f"resuming {prep.resolved['run_id']} from step {trainer.step}")
-        else:
+        elif main:
             metrics_path.unlink(missing_ok=True)
-        summary_path.unlink(missing_ok=True)
-        atomic_write_json(run_dir / CONFIG, prep.resolved)
+        if main:
+            summary_path.unlink(missing_ok=True)
+            atomic_write_json(run_dir / CONFIG, prep.resolved)
         trainer.start_step = trainer.step
         if not resumed:
             console.print(
@@ -574,11 +602,15 @@ def run(
                 f"(N={prep.task.num_items}, N/B={prep.task.num_items / prep.config.batch_size:.1f}), "
                 f"seed {prep.seed}, {prep.steps} steps on {prep.device.type}"
             )
+            if distributed.world_size() > 1:
+                console.print(f"{distributed.world_size()} processes ({prep.resolved['distributed']['backend']}), "
+                              f"{prep.config.batch_size // distributed.world_size()} items each per step")
 
         def record(row: dict[str, Any]) -> None:
-            append_row(metrics_path, row)
             trainer.rows.append(row)
-            atomic_torch_save(checkpoint_path, trainer.checkpoint_state())
+            if main:
+                append_row(metrics_path, row)
+                atomic_torch_save(checkpoint_path, trainer.checkpoint_state())
 
         status, reason = "completed", None
         progress = Progress(
@@ -592,7 +624,7 @@ def run(
                 if not trainer.rows:
                     record(trainer.evaluate())
                 while trainer.step < prep.steps:
-                    if flag["stop"]:
+                    if distributed.any_rank(flag["stop"]):  # every rank stops at the same step
                         raise _Interrupt
                     loss = trainer.train_step()
                     progress.update(bar, advance=1, info=f"loss {loss:.4g}")
@@ -604,7 +636,8 @@ def run(
                     if bad is not None:
                         status, reason = "diverged", f"{bad} became non-finite at step {trainer.step}"
                         row = {"step": trainer.step, "loss": None, "diverged_metric": bad}
-                        append_row(metrics_path, row)
+                        if main:
+                            append_row(metrics_path, row)
                         trainer.rows.append(row)
                         break
                     if trainer.step % prep.eval_every == 0 or trainer.step == prep.steps:
@@ -620,10 +653,12 @@ def run(
         except Exception as exc:
             status, reason = "failed", f"{type(exc).__name__}: {exc}"
             summary = summarise(trainer.rows, prep.steps, status, reason)
-            atomic_write_json(summary_path, summary)
+            if main:
+                atomic_write_json(summary_path, summary)
             raise
         summary = summarise(trainer.rows, prep.steps, status, reason)
-        atomic_write_json(summary_path, summary)
-        if status in ("completed", "diverged"):
+        if main:
+            atomic_write_json(summary_path, summary)
+        if main and status in ("completed", "diverged"):
             checkpoint_path.unlink(missing_ok=True)
     return RunOutcome(run_dir, summary)
