@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from negbench.errors import UserError
-from negbench.images import describe_transform, AugmentedViews, RESNET_TEST_PARAMS, ResNetTask, simclr_augmentation, view_seeds
+from negbench.images import augment, describe_transform, AugmentedViews, RESNET_TEST_PARAMS, ResNetTask, simclr_augmentation, view_seeds
 from negbench.params import Param
 from negbench.registry import register_task
 from negbench.results import atomic_torch_save
@@ -36,12 +36,12 @@ def cache_path(root: Path, subset_size: int, image_size: int, seed: int) -> Path
     return Path(root) / CACHE_FOLDER / f"stl10_subset-v{CACHE_VERSION}-n{subset_size}-px{image_size}-seed{seed}.pt"
 
 
-def build_views(unlabeled: Any, subset_size: int, image_size: int, seed: int) -> torch.Tensor:
+def build_views(unlabeled: Any, subset_size: int, image_size: int, seed: int, workers: int = 0) -> torch.Tensor:
     """(subset_size, 2, 3, S, S) uint8: view v of image i augmented with seed
-    ``view_seeds(seed, i, 2)[v]``."""
+    ``view_seeds(seed, i, 2)[v]`` (the same with any number of ``workers``)."""
     dataset = AugmentedViews(lambda i: to_pil(unlabeled[i]), simclr_augmentation(image_size))
     keys = [(i, s) for i in range(subset_size) for s in view_seeds(seed, i, VIEWS)]
-    _, views = dataset.__getitems__(keys)
+    views = augment(dataset, keys, workers)
     return views.reshape(subset_size, VIEWS, *views.shape[1:])
 
 
@@ -82,7 +82,7 @@ class STL10SubsetTask(FiniteViewTask, ResNetTask):
                     f"use --set subset_size={available} or the full STL-10"
                 )
             unlabeled = open_stl10(data_root, ("unlabeled",))["unlabeled"].data
-            views = build_views(unlabeled, self.subset_size, self.image_size, seed)
+            views = build_views(unlabeled, self.subset_size, self.image_size, seed, self.num_workers())
             del unlabeled
             try:
                 atomic_torch_save(path, {"views": views, "seed": seed, "version": CACHE_VERSION})

@@ -108,6 +108,8 @@ def test_stl10_subset_views_are_cached_and_deterministic(tmp_path, monkeypatch):
     from negbench.tasks.stl10_subset import build_views
 
     assert torch.equal(build_views(stl.unlabeled, 5, 16, 3), views)  # rebuilt: the same
+    monkeypatch.setattr("negbench.images.PARALLEL_REQUEST", 4)
+    assert torch.equal(build_views(stl.unlabeled, 5, 16, 3, workers=2), views)  # in worker processes: the same
     other = get_task("stl10_subset", **TINY, subset_size=5)
     other.load(seed=4, data_root=stl.root)
     assert not torch.equal(other.all_views(), views)
@@ -331,3 +333,25 @@ def test_augmentation_is_simclr():
     assert jitter.transforms[0].hue == (pytest.approx(-0.2), pytest.approx(0.2))
     assert isinstance(steps[3], v2.RandomGrayscale) and steps[3].p == 0.2
     assert isinstance(steps[-1], v2.PILToTensor)
+
+
+def test_every_preset_is_documented_with_its_values():
+    from pathlib import Path
+
+    from negbench.presets import PRESETS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+    def spellings(value):
+        if isinstance(value, str):
+            return {value}
+        forms = {repr(value), f"{value:g}", f"{value:.0e}".replace("e-0", "e-")}
+        return forms | ({str(int(value))} if float(value).is_integer() else set())
+
+    for name, preset in PRESETS.items():
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{name}` |")]
+        for key, value in preset.options.items():
+            flag = "--" + key.replace("_", "-")
+            assert any(f"{flag} {form}" in row for form in spellings(value)), (name, flag, value)
+        for key, value in {**preset.sampler_params, **preset.task_params}.items():
+            assert any(f"{key}={form}" in row for form in spellings(value)), (name, key, value)
