@@ -2,6 +2,7 @@
 the augmentation pipeline per image.
 
     python benchmarks/image_step.py --threads 2 --batch-size 32 --rounds 3 --steps 3
+    python benchmarks/image_step.py --device cuda --rounds 5 --steps 20    # bf16 autocast, peak memory
 
 The samplers run in one process, interleaved round by round (so load changes on a shared
 machine hit them alike). ``step`` times the whole ``Trainer.train_step`` with the views
@@ -100,6 +101,8 @@ def main() -> None:
                       f"(x{median / base[mode]:.3f} of {samplers[0]}); process CPU {1000 * median_cpu:8.1f} ms/step "
                       f"(x{median_cpu / base_cpu[mode]:.3f}); inside the sampler {1000 * inside:.2f} ms")
 
+        if args.device == "cuda":
+            print(f"peak CUDA memory (all trainers): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         augmentation = simclr_augmentation(96)
         data = trainers[(samplers[0], "step")].task._unlabeled
         count = 200

@@ -84,7 +84,7 @@ class Task(Configurable):
     def subsample(self, max_items: int) -> None:
         """``--max-items``: train on the first ``max_items`` items only (item ids stay
         ``0..max_items-1``). The default suits any task whose :meth:`inputs` is indexed by
-        item id; tasks also cap their probe splits (:meth:`EvalData.subset`)."""
+        item id; tasks with probe data also cap its splits (:meth:`EvalData.subset`)."""
         self.num_items = min(self.num_items, max_items)
 
     def prefetch(
