@@ -39,6 +39,16 @@ def _load_plugins(plugins: Optional[list[Path]]) -> None:
         load_plugin(path)
 
 
+def _given(ctx: typer.Context) -> set[str]:
+    """Names of the options given on the command line (not left at their default)."""
+    given = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            given.add(name)
+    return given
+
+
 @app.command()
 def run(
     ctx: typer.Context,
@@ -66,20 +76,33 @@ def run(
     nproc: int = typer.Option(1, "--nproc", help="Train with this many processes on this machine, started with "
                               "torchrun (gloo on CPU, nccl on CUDA: one GPU each); --batch-size is the global "
                               "batch and must be divisible by it."),
+    preset: Optional[str] = typer.Option(
+        None, help="Defaults of a published configuration: paper-stl10, paper-stl10-subset (explicit options win)."
+    ),
+    max_items: Optional[int] = typer.Option(
+        None, help="Train on the first N items only, and cap each probe split at N (quick runs)."
+    ),
+    download: bool = typer.Option(False, "--download", help="Let the task download missing data (STL-10) where a network exists."),
 ) -> None:
     """Train one sampler on one task and write results/runs/<run-id>/."""
     from negbench import distributed
     from negbench.runner import run as run_one, summary_table
 
     _load_plugins(plugin)
-    sampler_params, task_params = split_set_options(set_ or [], sampler, task)
-    config = RunConfig(
+    options = dict(
         sampler=sampler, task=task, batch_size=batch_size, steps=steps, epochs=epochs,
         optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, beta=beta,
         seed=seed, device=device, eval_every=eval_every, out=out, data_root=data_root,
-        sampler_params=sampler_params, task_params=task_params, grad_error=grad_error,
-        tv_steps=tv_steps, tv_anchors=tv_anchors,
+        grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors, max_items=max_items,
+        download=download, preset=preset,
     )
+    pairs = list(set_ or [])
+    if preset is not None:
+        from negbench.presets import apply_preset
+
+        options, pairs = apply_preset(preset, options, _given(ctx), pairs)
+    sampler_params, task_params = split_set_options(pairs, options["sampler"], options["task"])
+    config = RunConfig(**options, sampler_params=sampler_params, task_params=task_params)
     if nproc != 1:
         raise typer.Exit(_launch(ctx, config, nproc))
     outcome = run_one(config, show_progress=not quiet)

@@ -45,6 +45,9 @@ class RunConfig:
     grad_error: bool = False
     tv_steps: int = 100
     tv_anchors: int = 8
+    max_items: int | None = None  # train on the first N items only (Task.subsample)
+    download: bool = False  # let a task fetch missing data where a network exists
+    preset: str | None = None  # recorded only: the CLI applies presets (negbench.presets)
 
 
 def derive_seed(base: int, purpose: str) -> int:
@@ -133,6 +136,8 @@ def validate_numbers(config: RunConfig) -> None:
         raise UserError(f"--tv-steps must be >= 0 (0 turns sampling_tv off), got {config.tv_steps}")
     if config.tv_anchors < 1:
         raise UserError(f"--tv-anchors must be a positive integer, got {config.tv_anchors}")
+    if config.max_items is not None and config.max_items < 2:
+        raise UserError(f"--max-items must be an integer >= 2, got {config.max_items}")
 
 
 def choose_seed() -> int:

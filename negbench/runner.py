@@ -4,6 +4,7 @@ metrics → run folder (DESIGN §5, §6). Samplers and tasks never import this m
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import math
 import platform
@@ -34,6 +35,7 @@ from negbench.config import (
     validate_numbers,
 )
 from negbench.distribution import draw_views, sampling_tv
+from negbench.encoders import full_precision
 from negbench.errors import UserError
 from negbench.metrics import PROBE_PROTOCOL, alignment, peak_memory_bytes, probe_accuracies, uniformity
 from negbench.objective import exact_gradient
@@ -122,7 +124,10 @@ def prepare(config: RunConfig) -> Prepared:
     device = distributed.rank_device(resolve_device(config.device))
     check_writable(config.out)
     seed = distributed.from_main(choose_seed) if config.seed is None else config.seed
+    task.download = config.download
     task.load(seed=derive_seed(seed, "data"), data_root=config.data_root)
+    if config.max_items:
+        task.subsample(config.max_items)
     n = task.num_items
     if config.batch_size > n:
         raise UserError(f"--batch-size {config.batch_size} is larger than the data set ({n} items); use at most {n}")
@@ -151,6 +156,8 @@ def prepare(config: RunConfig) -> Prepared:
         "tv_steps": config.tv_steps if task.finite_views else 0,
         "tv_anchors": config.tv_anchors,
     }
+    if config.max_items:  # only when set, so run ids without it stay as they were
+        experiment["max_items"] = config.max_items
     rid = run_id(experiment)
     resolved = {
         **experiment,
@@ -283,20 +290,56 @@ class Trainer:
         views[free] = torch.randint(m, (int(free.sum()),), generator=self.data_generator).to(views.device)
         return views
 
-    def encode_inputs(self, items: Tensor, views: Tensor) -> Tensor:
-        x = self.task.inputs(items.cpu(), views.cpu(), self.data_generator)
-        return x.to(self.device, non_blocking=True)
-
     def shard_inputs(self, items: Tensor, views: Tensor) -> Tensor:
         """The encoder inputs of this rank's shard of the views (all of them in one process).
         Every rank builds every input, so the data generator stays the same on all ranks."""
-        x = self.task.inputs(items.cpu(), views.cpu(), self.data_generator)
+        return self.own_shard(self.task.inputs(items.cpu(), views.cpu(), self.data_generator))
+
+    def own_shard(self, x: Tensor) -> Tensor:
+        """This rank's rows of a batch of inputs, on the device."""
         return x[distributed.shard(x.shape[0])].to(self.device, non_blocking=True)
 
-    def encode_with_grad(self, items: Tensor, views: Tensor) -> Tensor:
-        """Embeddings of these views with gradients, identical on every rank: each rank encodes
-        its shard and the shards are all-gathered with gradients."""
-        return distributed.gather_rows(self.model(self.shard_inputs(items, views)), items.numel())
+    def encode_with_grad(self, inputs: Tensor) -> Tensor:
+        """Embeddings of every row of ``inputs`` with gradients, identical on every rank: each
+        rank encodes its shard and the shards are all-gathered with gradients."""
+        return distributed.gather_rows(self.model(self.own_shard(inputs)), inputs.shape[0])
+
+    # ---- prefetched augmentations (random-view tasks with Task.prefetch) ------------------
+    _prefetch: Iterator[tuple[Tensor, Tensor]] | None = None
+    _prefetch_unsupported = False
+
+    def _upcoming_items(self, current: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """(step, items) of this step (``current``, just drawn) and of every step still to
+        come, replaying :meth:`next_items` on a copy of the item order taken now, so the
+        trainer's own state (and its checkpoints) is untouched."""
+        shadow = copy.copy(self)
+        shadow.order_generator = torch.Generator()
+        shadow.order_generator.set_state(self.order_generator.get_state())
+
+        def replay() -> Iterator[tuple[int, Tensor]]:
+            yield shadow.step + 1, current
+            for step in range(shadow.step + 2, self.prep.steps + 1):
+                yield step, Trainer.next_items(shadow)
+
+        return replay()
+
+    def anchor_inputs(self, items: Tensor, anchor_items: Tensor, views: Tensor) -> Tensor:
+        """Inputs of the 2B anchors: from the task's prefetching stream when it has one
+        (fresh views seeded by the step, computed ahead by workers), else the task's inputs. All
+        2B of them, on the host: every rank builds every input (see :meth:`shard_inputs`)."""
+        if self.task.num_views is None and not self._prefetch_unsupported:
+            if self._prefetch is None:
+                self._prefetch = self.task.prefetch(
+                    self._upcoming_items(items.cpu()), seed=derive_seed(self.prep.resolved["seeds"]["data"], "views"),
+                    pin_memory=self.device.type == "cuda",
+                )
+                self._prefetch_unsupported = self._prefetch is None
+            if self._prefetch is not None:
+                streamed, x = next(self._prefetch)
+                if not torch.equal(streamed, items.cpu()):
+                    raise RuntimeError("the prefetched batch differs from next_items(); Trainer._upcoming_items must replay it")
+                return x
+        return self.task.inputs(anchor_items.cpu(), views.cpu(), self.data_generator)
 
     # ---- one step -----------------------------------------------------------------------
     def _sync(self) -> None:
@@ -316,7 +359,7 @@ class Trainer:
             anchor_views = torch.tensor([0, 1]).repeat(items.numel())
             input_views = torch.full_like(anchor_views, -1)
         anchor_items = items.repeat_interleave(2)
-        anchor_emb = self.encode_with_grad(anchor_items, input_views)
+        anchor_emb = self.encode_with_grad(self.anchor_inputs(items, anchor_items, input_views))
         anchor_items = anchor_items.to(self.device)
         anchor_views = anchor_views.to(self.device)
         batch = Batch.from_anchors(anchor_items, anchor_views, anchor_emb.detach())
@@ -393,6 +436,7 @@ class Trainer:
         return distributed.gather_rows(torch.cat(chunks), items.numel())
 
     # ---- evaluation -----------------------------------------------------------------------
+    @full_precision()  # exact metrics never use autocast
     def exact(self, return_embeddings: bool = True) -> tuple[float, list[Tensor]] | tuple[float, list[Tensor], Tensor]:
         inputs = self.task.all_views().to(self.device)
         value, grads = exact_gradient(self.model, self.params, inputs, self.beta, EXACT_CHUNK)

@@ -3,9 +3,9 @@
 No download: the data ship inside scikit-learn. Pixels are scaled to [0, 1]. The m fixed views
 of each image are generated once from the seed: a random integer shift of up to ``max_shift``
 pixels in each direction (zero fill) plus Gaussian pixel noise of std ``noise``. The encoder
-is a small MLP on the 64 pixels. The probe trains on a fixed stratified split of the clean
-images (1,000 train / 797 test, independent of the run seed, so every run is scored on the
-same test images).
+is a small MLP on the 64 pixels (``encoder=cnn``: a small CNN on the 8×8 image). The probe
+trains on a fixed stratified split of the clean images (1,000 train / 797 test, independent
+of the run seed, so every run is scored on the same test images).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from negbench.encoders import Encoder, mlp_encoder
+from negbench.encoders import Encoder, make_encoder
 from negbench.params import Param
 from negbench.registry import register_task
 from negbench.task import EvalData, FiniteViewTask
@@ -43,7 +43,8 @@ class DigitsTask(FiniteViewTask):
         "max_shift": Param(1, "largest pixel shift of a view", low=0, high=3),
         "noise": Param(0.1, "std of the Gaussian pixel noise of a view", low=0.0),
         "max_items": Param(0, "use only the first N images (0 = all 1,797)", low=0),
-        "hidden": Param(128, "width of the MLP", low=1),
+        "encoder": Param("mlp", "encoder: an MLP on the 64 pixels, or a small CNN", choices=("mlp", "cnn")),
+        "hidden": Param(128, "width of the MLP (of the CNN's feature layer)", low=1),
         "dim": Param(64, "embedding dimension", low=1),
     }
     test_params = {"max_items": 40, "hidden": 16, "dim": 8}
@@ -74,7 +75,9 @@ class DigitsTask(FiniteViewTask):
         self.evaluation = EvalData(flat[train], y[train], flat[test], y[test])
 
     def make_encoder(self) -> Encoder:
-        return mlp_encoder(64, self.hidden, self.dim)
+        if self.encoder == "cnn":
+            return make_encoder("cnn", side=8, hidden=self.hidden, dim=self.dim)
+        return make_encoder("mlp", in_dim=64, hidden=self.hidden, dim=self.dim)
 
     def describe(self) -> dict:
         return {**super().describe(), "probe_split": "stratified 1,000 train / 797 test (random_state=0)"}

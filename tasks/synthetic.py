@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from negbench.encoders import Encoder, mlp_encoder
+from negbench.encoders import Encoder, make_encoder
 from negbench.params import Param
 from negbench.registry import register_task
 from negbench.task import EvalData, FiniteViewTask
@@ -50,7 +50,7 @@ class SyntheticTask(FiniteViewTask):
         )
 
     def make_encoder(self) -> Encoder:
-        return mlp_encoder(self.input_dim, self.hidden, self.dim)
+        return make_encoder("mlp", in_dim=self.input_dim, hidden=self.hidden, dim=self.dim)
 
     def describe(self) -> dict:
         return {**super().describe(), "probe_split": "half of the clean points (seeded), half test"}
