@@ -33,12 +33,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import Tensor, nn
@@ -59,7 +60,7 @@ MAX_SIMS = 2**26
 EMBEDDING_TABLE = 2**16
 IMAGE_POOL = 256
 COLUMNS = ["part", "workload", "input", "sampler", "device", "num_items", "batch_size", "dim", "views", "repeats",
-           "median_ms", "in_batch_ms", "ratio", "state_bytes", "state_bytes_per_item", "backend", "note"]
+           "median_ms", "in_batch_ms", "ratio", "cpu_ms", "cpu_ratio", "state_bytes", "state_bytes_per_item", "backend", "note"]
 PARTS = ("all", "sampler", "step")
 
 
@@ -202,8 +203,37 @@ def _rotation(names: list[str], round_: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-def _median_ms(seconds: list[float]) -> float | None:
-    return 1000 * statistics.median(seconds) if seconds else None
+class _Stopwatch:
+    """Wall-clock and process CPU seconds summed over timed regions (CUDA synchronised at
+    both ends of each)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.wall, self.cpu = device, 0.0, 0.0
+
+    @contextlib.contextmanager
+    def region(self) -> Iterator[None]:
+        _sync(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.wall += time.perf_counter() - wall
+            self.cpu += time.process_time() - cpu
+
+
+def _timing(samples: list[_Stopwatch], baseline: list[_Stopwatch]) -> dict[str, float | None]:
+    """Medians in ms and their ratios to the baseline's (wall clock, and process CPU time)."""
+    def median_ms(watches: list[_Stopwatch], attribute: str) -> float | None:
+        return 1000 * statistics.median(getattr(w, attribute) for w in watches) if watches else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    wall, base_wall = median_ms(samples, "wall"), median_ms(baseline, "wall")
+    cpu, base_cpu = median_ms(samples, "cpu"), median_ms(baseline, "cpu")
+    return {"median_ms": wall, "in_batch_ms": base_wall, "ratio": ratio(wall, base_wall),
+            "cpu_ms": cpu, "cpu_ratio": ratio(cpu, base_cpu)}
 
 
 # ---- part 1: sampler-only cost ----------------------------------------------------------------------------
@@ -226,13 +256,11 @@ def _bind(name: str, num_items: int, cfg: BenchConfig, device: torch.device) -> 
     return sampler, views
 
 
-def _sampler_step(sampler: Sampler, batch: Batch, embed: _FrozenEmbeddings, device: torch.device) -> float:
-    """One sampler step; the seconds the runner would count as sampler time."""
-    _sync(device)
-    start = time.perf_counter()
-    extras = sampler.propose(batch)
-    _sync(device)
-    seconds = time.perf_counter() - start
+def _sampler_step(sampler: Sampler, batch: Batch, embed: _FrozenEmbeddings, device: torch.device) -> _Stopwatch:
+    """One sampler step, timed over what the runner counts as sampler time."""
+    watch = _Stopwatch(device)
+    with watch.region():
+        extras = sampler.propose(batch)
     candidate_emb = batch.anchor_emb
     if extras is not None and extras.items.numel():
         size = batch.num_anchors * (batch.num_anchors + extras.items.numel())
@@ -240,18 +268,12 @@ def _sampler_step(sampler: Sampler, batch: Batch, embed: _FrozenEmbeddings, devi
             raise _NotApplicable(f"n/a: A·C = {size:.2g} > {MAX_SIMS:.2g}")
         candidate_emb = torch.cat([candidate_emb, embed(extras.items, extras.views)])
         batch = batch.with_extras(extras)
-    _sync(device)
-    start = time.perf_counter()
-    with torch.no_grad():
+    with watch.region(), torch.no_grad():
         sims = batch.anchor_emb @ candidate_emb.T
         sampler.weigh(sims, batch)
-    _sync(device)
-    seconds += time.perf_counter() - start
-    start = time.perf_counter()
-    with torch.no_grad():
+    with watch.region(), torch.no_grad():
         sampler.refresh(embed)
-    _sync(device)
-    return seconds + time.perf_counter() - start
+    return watch
 
 
 def _batches(num_items: int, batch_size: int, count: int, embed: _FrozenEmbeddings, device: torch.device,
@@ -287,31 +309,28 @@ def sampler_cost(cfg: BenchConfig, device: torch.device, names: list[str], advan
                     notes[name] = f"n/a: {exc}"
             batches = _batches(num_items, batch_size, cfg.warmup + cfg.repeats, embed, device,
                                derive_seed(cfg.seed, f"batches-{num_items}-{batch_size}"))
-            times: dict[str, list[float]] = {name: [] for name in names}
+            times: dict[str, list[_Stopwatch]] = {name: [] for name in names}
             active = list(samplers)
             for round_, (augmented, finite) in enumerate(batches):
                 for name in _rotation(active, round_):
                     sampler, views = samplers[name]
                     try:
-                        seconds = _sampler_step(sampler, finite if views else augmented, embed, device)
+                        watch = _sampler_step(sampler, finite if views else augmented, embed, device)
                     except _NotApplicable as exc:
                         notes[name] = str(exc)
                         active.remove(name)
                         continue
                     if round_ >= cfg.warmup:
-                        times[name].append(seconds)
+                        times[name].append(watch)
                 advance()
-            baseline = _median_ms(times[BASELINE])
             for name in names:
                 bound = samplers.get(name)
-                median = _median_ms(times[name])
                 state = bound[0].state_bytes() if bound else None
                 rows.append({
                     "part": "sampler", "workload": "frozen-embeddings", "input": f"{cfg.dim}-d embeddings", "sampler": name, "device": device.type,
                     "num_items": num_items, "batch_size": batch_size, "dim": cfg.dim,
                     "views": (str(bound[1]) if bound[1] else "random") if bound else None,
-                    "repeats": len(times[name]), "median_ms": median, "in_batch_ms": baseline,
-                    "ratio": median / baseline if median is not None and baseline else None,
+                    "repeats": len(times[name]), **_timing(times[name], times[BASELINE]),
                     "state_bytes": state, "state_bytes_per_item": None if state is None else state / num_items,
                     "backend": getattr(bound[0], "sweep_backend", None) if bound else None,
                     "note": notes.get(name, ""),
@@ -349,28 +368,24 @@ def step_time(cfg: BenchConfig, device: torch.device, names: list[str], advance:
                 notes[name] = "n/a: needs finite views"
                 continue
             trainers[name] = _trainer(task, name, cfg, device, console)
-        times: dict[str, list[float]] = {name: [] for name in names}
+        times: dict[str, list[_Stopwatch]] = {name: [] for name in names}
         for round_ in range(cfg.warmup + cfg.repeats):
             for name in _rotation(list(trainers), round_):
-                _sync(device)
-                start = time.perf_counter()
-                trainers[name].train_step()
-                _sync(device)
+                watch = _Stopwatch(device)
+                with watch.region():
+                    trainers[name].train_step()
                 if round_ >= cfg.warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(watch)
             advance()
-        baseline = _median_ms(times[BASELINE])
         for name in names:
             trainer = trainers.get(name)
-            median = _median_ms(times[name])
             state = trainer.sampler.state_bytes() if trainer else None
             rows.append({
                 "part": "step", "workload": workload_name, "input": WORKLOADS[workload_name].input(cfg.smoke), "sampler": name, "device": device.type,
                 "num_items": task.num_items, "batch_size": batch_size,
                 "dim": trainer.model.dim if trainer else None,
                 "views": str(task.num_views or "random") if trainer else None,
-                "repeats": len(times[name]), "median_ms": median, "in_batch_ms": baseline,
-                "ratio": median / baseline if median is not None and baseline else None,
+                "repeats": len(times[name]), **_timing(times[name], times[BASELINE]),
                 "state_bytes": state, "state_bytes_per_item": None if state is None else state / task.num_items,
                 "backend": getattr(trainer.sampler, "sweep_backend", None) if trainer else None,
                 "note": notes.get(name, ""),
@@ -410,34 +425,36 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def _format(value: Any, spec: str = ".3g") -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
-    return format(value, spec) if isinstance(value, float) else str(value)
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
 def tables(rows: list[dict[str, Any]], device: torch.device) -> list[Table]:
+    """The rich tables of both parts (``ms`` wall clock, ``cpu ms`` process CPU time)."""
     out = []
     sampler_rows = [r for r in rows if r["part"] == "sampler"]
     if sampler_rows:
-        table = Table(title=f"sampler-only cost per step ({device.type}, d={sampler_rows[0]['dim']}, frozen embeddings)")
-        for column, justify in (("sampler", "left"), ("N", "right"), ("B", "right"), ("ms/step", "right"),
-                                ("× in_batch", "right"), ("state bytes", "right"), ("bytes/item", "right"), ("note", "left")):
-            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        table = Table(title=f"sampler-only cost per step ({device.type}, d={sampler_rows[0]['dim']}, frozen embeddings; medians)")
+        for column in ("sampler", "N", "B", "ms", "× in_batch", "cpu ms", "cpu ×", "state bytes", "B/item", "note"):
+            table.add_column(column, justify="left" if column in ("sampler", "note") else "right")
         for r in sampler_rows:
-            name = r["sampler"] + (f" [{r['backend']}]" if r["backend"] else "")
-            table.add_row(name, f"{r['num_items']:,}", str(r["batch_size"]), _format(r["median_ms"]), _format(r["ratio"], ".2f"),
-                          _format(r["state_bytes"]), _format(r["state_bytes_per_item"], ".4g"), r["note"])
+            table.add_row(_label(r), f"{r['num_items']:,}", str(r["batch_size"]), _format(r["median_ms"]),
+                          _format(r["ratio"], ".2f"), _format(r["cpu_ms"]), _format(r["cpu_ratio"], ".2f"),
+                          _format(r["state_bytes"], ","), _format(r["state_bytes_per_item"], ".4g"), r["note"])
         out.append(table)
     step_rows = [r for r in rows if r["part"] == "step"]
     if step_rows:
-        table = Table(title=f"training step time against in_batch ({device.type}, interleaved, medians)")
-        for column, justify in (("workload", "left"), ("sampler", "left"), ("B", "right"), ("ms/step", "right"),
-                                ("in_batch ms", "right"), ("ratio", "right"), ("note", "left")):
-            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        table = Table(title=f"training step time against in_batch ({device.type}, interleaved; medians)")
+        for column in ("workload", "sampler", "B", "ms", "in_batch ms", "ratio", "cpu ms", "cpu ratio", "note"):
+            table.add_column(column, justify="left" if column in ("workload", "sampler", "note") else "right")
         for r in step_rows:
-            name = r["sampler"] + (f" [{r['backend']}]" if r["backend"] else "")
-            table.add_row(r["workload"], name, str(r["batch_size"]), _format(r["median_ms"]), _format(r["in_batch_ms"]),
-                          _format(r["ratio"], ".3f"), r["note"])
+            table.add_row(r["workload"], _label(r), str(r["batch_size"]), _format(r["median_ms"]), _format(r["in_batch_ms"]),
+                          _format(r["ratio"], ".3f"), _format(r["cpu_ms"]), _format(r["cpu_ratio"], ".3f"), r["note"])
         out.append(table)
     return out
+
+
+def _label(row: dict[str, Any]) -> str:
+    return escape(row["sampler"] + (f" [{row['backend']}]" if row["backend"] else ""))
 
 
 @dataclass

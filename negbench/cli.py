@@ -149,6 +149,8 @@ def bench(
     )
     outcome = run_bench(config, show_progress=not quiet)
     console = Console()
+    if not console.is_terminal:  # a file or a pipe: don't squeeze the tables into 80 columns
+        console = Console(width=160)
     for table in outcome.tables:
         console.print(table)
     console.print(f"wrote {outcome.csv_path} and {outcome.json_path}")

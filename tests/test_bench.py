@@ -32,7 +32,7 @@ def test_bench_smoke_writes_its_csv_and_machine_record(tmp_path, capsys, one_thr
     assert sorted(sampler_part.sampler) == ["emc2", "in_batch", "uniform"]  # in_batch always measured
     assert sorted(set(step_part.workload)) == ["digits-mlp", "resnet18-32px"] and len(step_part) == 6
     assert (frame.repeats == bench.SMOKE["repeats"]).all() and (frame.median_ms > 0).all()
-    assert (frame.in_batch_ms > 0).all()
+    assert (frame.in_batch_ms > 0).all() and frame.cpu_ms.notna().all() and (frame[frame.sampler == "in_batch"].cpu_ratio == 1).all()
     assert (frame[frame.sampler == "in_batch"].ratio == 1).all()
     pd.testing.assert_series_equal(frame.ratio, frame.median_ms / frame.in_batch_ms, check_names=False, rtol=1e-4)
     emc2 = frame[frame.sampler == "emc2"].set_index(["part", "workload"])

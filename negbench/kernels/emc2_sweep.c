@@ -61,6 +61,17 @@ static void stable_argsort(const float *keys, int32_t k, int32_t *order, float *
     }
 }
 
+/* counts[row + column] += n (exact: counts are integers far below 2^24). Adding a run of
+ * records at once keeps the loop free of a dependency through memory. */
+static void add_count(void *counts, int32_t count_double, int64_t row, int64_t count_columns,
+                      int64_t column, int64_t n) {
+    if (counts == NULL || n == 0 || column < 0 || column >= count_columns) return;
+    if (count_double)
+        ((double *)counts)[row + column] += (double)n;
+    else
+        ((float *)counts)[row + column] += (float)n;
+}
+
 /* Outputs per row: final column, score, accepted (any), accepted after burn-in, and tallies of
  * the records (used = on an in-batch column, out of batch, recorded at all). records (R x k) and
  * counts (R x count_columns, zeroed by the caller; float32, or float64 when count_double) may be
@@ -103,6 +114,7 @@ int negbench_emc2_sweep(const float *logits, const float *keys, const float *log
                 stable_argsort(keys + r * k, (int32_t)k, order, sorted, bucket, start);
                 const int64_t n = num_proposals[r] < k ? num_proposals[r] : k, burn = burn_in[r];
                 int64_t late_accepted = 0, used = 0, out_of_batch = 0, recorded = 0;
+                int64_t run_state = -1, run = 0; /* records of the current state not yet counted */
                 uint8_t accepted = 0;
                 for (int64_t t = 0; t < n; ++t) {
                     const int64_t c = order[t];
@@ -122,16 +134,17 @@ int negbench_emc2_sweep(const float *logits, const float *keys, const float *log
                     if (row_records) row_records[t] = state;
                     if (state >= 0) {
                         used++;
-                        if (counts && state < count_columns) {
-                            if (count_double)
-                                ((double *)counts)[r * count_columns + state] += 1.0;
-                            else
-                                ((float *)counts)[r * count_columns + state] += 1.0f;
+                        if (state != run_state) {
+                            add_count(counts, count_double, r * count_columns, count_columns, run_state, run);
+                            run_state = state;
+                            run = 0;
                         }
+                        run++;
                     } else if (state == OUT_OF_BATCH) {
                         out_of_batch++;
                     }
                 }
+                add_count(counts, count_double, r * count_columns, count_columns, run_state, run);
                 if (row_records)
                     for (int64_t t = n > 0 ? n : 0; t < k; ++t) row_records[t] = NOT_RECORDED;
                 out_column[r] = state;
