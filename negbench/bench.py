@@ -175,7 +175,7 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, torch.device, list[str]]:
     if unknown:
         raise UserError(f"unknown workload {unknown[0]!r}{suggest(unknown[0], WORKLOADS)}; choose from {', '.join(WORKLOADS)}")
     for option, value in (("--repeats", config.repeats), ("--step-batch-size", config.step_batch_size), ("--dim", config.dim),
-                          ("--threads", config.threads or 1)):
+                          ("--threads", 1 if config.threads is None else config.threads)):
         if value < 1:
             raise UserError(f"{option} must be a positive integer, got {value}")
     if config.warmup < 0:

@@ -129,7 +129,7 @@ def bench(
     workloads: str = typer.Option(",".join(["digits-mlp", "resnet18-32px", "resnet18-96px"]), help="Workloads of the step part (comma-separated)."),
     step_batch_size: int = typer.Option(256, help="Items per training step in the step part."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's choice]."),
-    smoke: bool = typer.Option(False, "--smoke", help="A tiny configuration that runs in seconds (tests)."),
+    smoke: bool = typer.Option(False, "--smoke", help="A tiny configuration that runs in seconds (tests); replaces the sizes, repeats and warm-up."),
     out: Path = typer.Option(Path("results/bench"), help="Folder of bench-<device>.csv and .json."),
     plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),

@@ -75,6 +75,7 @@ def test_samplers_over_the_candidate_cap_are_reported_as_not_applicable(tmp_path
     (["--part", "everything"], "--part must be one of"),
     (["--repeats", "0"], "--repeats must be a positive integer"),
     (["--device", "tpu"], "--device must be one of"),
+    (["--threads", "0"], "--threads must be a positive integer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     out = tmp_path / "bench"
