@@ -196,6 +196,46 @@ def list_(
         console.print(_component_table(TASKS, "tasks"))
 
 
+@app.command()
+def bench(
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    samplers: Optional[str] = typer.Option(None, help="Comma-separated samplers [default: every registered one]; in_batch is always measured."),
+    batch_sizes: str = typer.Option("32,256,1024", help="Items per step B of the sampler-only part (comma-separated)."),
+    num_items: str = typer.Option("10000,1000000", help="Data-set sizes N of the sampler-only part (comma-separated)."),
+    dim: int = typer.Option(128, help="Embedding dimension d of the sampler-only part."),
+    repeats: int = typer.Option(10, help="Timed repetitions per measurement (after the warm-up)."),
+    warmup: int = typer.Option(3, help="Untimed repetitions first."),
+    part: str = typer.Option("all", help="all, sampler (sampler-only cost) or step (training-step time)."),
+    workloads: str = typer.Option(",".join(["digits-mlp", "resnet18-32px", "resnet18-96px"]), help="Workloads of the step part (comma-separated)."),
+    step_batch_size: int = typer.Option(256, help="Items per training step in the step part."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's choice]."),
+    smoke: bool = typer.Option(False, "--smoke", help="A tiny configuration that runs in seconds (tests); replaces the sizes, repeats and warm-up."),
+    out: Path = typer.Option(Path("results/bench"), help="Folder of bench-<device>.csv and .json."),
+    plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Time every sampler: sampler-only cost per step, and training-step time against in_batch."""
+    from negbench.bench import BenchConfig, parse_int_list, run_bench
+
+    _load_plugins(plugin)
+    config = BenchConfig(
+        device=device,
+        samplers=[s.strip() for s in samplers.split(",") if s.strip()] if samplers else None,
+        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+        num_items=parse_int_list(num_items, "--num-items"),
+        dim=dim, repeats=repeats, warmup=warmup, part=part,
+        workloads=[w.strip() for w in workloads.split(",") if w.strip()],
+        step_batch_size=step_batch_size, threads=threads, smoke=smoke, out=out,
+    )
+    outcome = run_bench(config, show_progress=not quiet)
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: don't squeeze the tables into 80 columns
+        console = Console(width=160)
+    for table in outcome.tables:
+        console.print(table)
+    console.print(f"wrote {outcome.csv_path} and {outcome.json_path}")
+
+
 def _rank_label() -> str:
     """``[rank r] `` in the processes of a multi-process run other than rank 0."""
     from negbench import distributed
