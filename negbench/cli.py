@@ -97,7 +97,7 @@ def compare(
     task: Optional[str] = typer.Option(None, help="Task of the grid [default: digits]."),
     samplers: Optional[str] = typer.Option(None, help="Comma-separated samplers, each name[:key=value[:key=value]] (e.g. emc2,emc2:stale=refresh); all = every registered sampler plus emc2:stale=refresh [default: all]."),
     batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes [default: 4,32]."),
-    seeds: Optional[str] = typer.Option(None, help="A count n (seeds 0..n-1) or a comma-separated list of seeds [default: 3]."),
+    seeds: Optional[str] = typer.Option(None, help="A count n (seeds 0..n-1) or a comma-separated list of seeds (5, = seed 5 alone) [default: 3]."),
     steps: Optional[int] = typer.Option(None, help="Training steps of every run [default: 1000]."),
     epochs: Optional[float] = typer.Option(None, help="Training length in epochs (instead of --steps)."),
     optimizer: str = typer.Option("adam", help="sgd or adam."),

@@ -424,12 +424,15 @@ def collect_dirs(run_dirs: Sequence[Path], warn: Warn) -> list[RunRecord]:
         read = read_run(run_dir, warn)
         if read is not None:
             loaded.append((run_dir, *read))
-    varying = [k for k in _SETTING_KEYS if len({repr(c.get(k)) for _, c, _, _ in loaded}) > 1]
+    varying = {task: [k for k in _SETTING_KEYS
+                      if len({repr(c.get(k)) for _, c, _, _ in loaded if c["task"] == task}) > 1]
+               for task in {c["task"] for _, c, _, _ in loaded}}
     records = []
     for run_dir, config, summary, rows in loaded:
         label = sampler_label(config)
-        if varying:
-            label += " [" + ", ".join(f"{k}={config.get(k)}" for k in varying) + "]"
+        if varying[config["task"]]:
+            varying_keys = varying[config["task"]]
+            label += " [" + ", ".join(f"{k}={config.get(k)}" for k in varying_keys) + "]"
         n_over_b = config.get("items_per_batch_ratio")
         records.append(RunRecord(config["task"], label, int(config["batch_size"]), config["seed"], summary["status"],
                                  summary.get("reason"), n_over_b, _numbers(summary), rows, config, run_dir))
@@ -504,14 +507,16 @@ def aggregate(records: Sequence[RunRecord], reference: str | None) -> pd.DataFra
     completed seeds; the paired ratio to ``reference`` (ratio, ratio_ci_low, ratio_ci_high,
     ratio_n); and the cell's N/B, run counts, status, reasons and collapse count."""
     cells = _cells_frame(records)
-    metrics = metric_names(records)
+    # every cell gets a row for every metric (n = 0 where it has no value); when no run has
+    # any value, a cell keeps one row with an empty metric name so that it is still listed
+    metrics = metric_names(records) or [""]
     values = final_values(records)
-    grid = cells[CELL_KEYS].merge(pd.DataFrame({"metric": metrics}), how="cross")
-    if metrics:
+    grid = cells[CELL_KEYS].merge(pd.DataFrame({"metric": pd.Series(metrics, dtype=object)}), how="cross")
+    if not values.empty:
         summary = (values.groupby([*CELL_KEYS, "metric"], sort=False)["value"]
                    .apply(lambda v: pd.Series(mean_ci(v.to_numpy()), index=["mean", "std", "ci_low", "ci_high", "n"]))
                    .unstack())
-        table = grid.merge(summary.reset_index(), on=[*CELL_KEYS, "metric"], how="left") if not summary.empty else grid
+        table = grid.merge(summary.reset_index(), on=[*CELL_KEYS, "metric"], how="left")
     else:
         table = grid
     for column in ("mean", "std", "ci_low", "ci_high", "n"):
@@ -531,13 +536,16 @@ def paired_ratios(values: pd.DataFrame, reference: str | None) -> pd.DataFrame:
     """Geometric mean and t-interval (on the log scale) of x_s / x_s^ref over the seeds both
     the cell and the reference cell (same task and batch size) completed, where both > 0."""
     columns = [*CELL_KEYS, "metric", "ratio", "ratio_ci_low", "ratio_ci_high", "ratio_n"]
+    empty = pd.DataFrame({"task": pd.Series(dtype=object), "sampler": pd.Series(dtype=object),
+                          "batch_size": pd.Series(dtype="int64"), "metric": pd.Series(dtype=object),
+                          **{c: pd.Series(dtype=float) for c in columns[4:]}})
     if reference is None or values.empty:
-        return pd.DataFrame(columns=columns)
+        return empty
     ref = values[values["sampler"] == reference].drop(columns="sampler")
     paired = values.merge(ref, on=["task", "batch_size", "seed", "metric"], suffixes=("", "_ref"))
     paired = paired[(paired["value"] > 0) & (paired["value_ref"] > 0)]
     if paired.empty:
-        return pd.DataFrame(columns=columns)
+        return empty
     paired = paired.assign(log_ratio=np.log(paired["value"] / paired["value_ref"]))
 
     def summarise(logs: pd.Series) -> pd.Series:
