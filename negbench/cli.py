@@ -147,7 +147,9 @@ def compare(
         folder = cmp.comparison_folder(out, name)
         check_writable(folder)
         ref = cmp.check_reference(reference or "in_batch", records, explicit=reference is not None)
-        command = "negbench compare " + " ".join(runs) + (f" --name {name}" if name else "")
+        command = _command_line([("--out", out, Path("results/runs")), ("--name", name, None),
+                                 ("--reference", reference, None), ("--sort", sort, "grad_norm_sq")], [])
+        command = command.replace("negbench compare", "negbench compare " + " ".join(runs), 1)
         cmp.write_comparison(folder, records, reference=ref, sort=sort, title=cmp.default_title(records, name),
                              command=command, console=Console())
         err.print(f"comparison written to {folder}/")

@@ -45,7 +45,7 @@ def _panels(frame: pd.DataFrame) -> list[tuple[str, int]]:
 
 def _panel_title(task: str, batch_size: int, n_over_b: dict[tuple[str, int], float], multi_task: bool) -> str:
     ratio = n_over_b.get((task, batch_size), math.nan)
-    text = f"B = {batch_size}" + (f"  (N/B = {ratio:.0f})" if math.isfinite(ratio) else "")
+    text = f"B = {batch_size}" + (f"  (N/B = {ratio:.3g})" if math.isfinite(ratio) else "")
     return f"{task}: {text}" if multi_task else text
 
 
@@ -130,7 +130,7 @@ def tv_figure(table: pd.DataFrame, *, title: str, labels: Sequence[str], colours
         ax.set_xticklabels([str(s) for s in sizes])
         if len(sizes) == 1:
             ax.set_xlim(sizes[0] / 1.5, sizes[0] * 1.5)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, min(ax.get_ylim()[1], 1.02))  # a total variation is at most 1
         ax.set_xlabel("batch size B (items per step)")
         ax.set_ylabel("sampling TV to the exact softmax (final)")
         ax.set_title(task if len(tasks) > 1 else "lower is better; read against the floor")
