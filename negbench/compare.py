@@ -172,7 +172,7 @@ def route_set_options(pairs: Sequence[str], samplers: Sequence[str], task: str) 
             elif dot and scope == "sampler":
                 keep = bare in sampler_keys
             else:  # a malformed pair is kept so that split_set_options reports it
-                keep = not key or key in task_keys or key in sampler_keys
+                keep = "=" not in pair or not key or key in task_keys or key in sampler_keys
             if keep:
                 mine.append(pair)
                 used.add(pair)

@@ -325,6 +325,7 @@ def test_a_sampler_incompatible_with_the_task_is_a_failed_row(tmp_path, capsys, 
     (["--sort", "gap"], "is not a metric"),
     (["--reference", "uniform"], "--reference 'uniform' is not in --samplers"),
     (["--set", "burn_inn=0.3"], "unknown --set key 'burn_inn'"),
+    (["--set", "burn_in"], "--set expects key=value"),
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--name", "runs"], "in or around the runs folder"),
 ])
