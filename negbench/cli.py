@@ -158,6 +158,119 @@ def _forwarded_args(ctx: typer.Context, drop: set[str]) -> list[str]:
         args.append("--debug")
     return args
 
+def _command_line(options: list[tuple[str, object, object]], set_pairs: list[str]) -> str:
+    """``negbench compare`` with every option that differs from its default."""
+    words = ["negbench", "compare"]
+    for flag, value, default in options:
+        if value is None or value == default or value is False:
+            continue
+        words += [flag] if value is True else [flag, str(value)]
+    for pair in set_pairs:
+        words += ["--set", pair]
+    return " ".join(words)
+
+
+@app.command()
+def compare(
+    runs: Optional[list[str]] = typer.Argument(None, help="Run folders, folders of run folders, or globs to compare instead of a grid.", show_default=False),
+    task: Optional[str] = typer.Option(None, help="Task of the grid [default: digits]."),
+    samplers: Optional[str] = typer.Option(None, help="Comma-separated samplers, each name[:key=value[:key=value]] (e.g. emc2,emc2:stale=refresh); all = every registered sampler plus emc2:stale=refresh [default: all]."),
+    batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes [default: 4,32]."),
+    seeds: Optional[str] = typer.Option(None, help="A count n (seeds 0..n-1) or a comma-separated list of seeds (5, = seed 5 alone) [default: 3]."),
+    steps: Optional[int] = typer.Option(None, help="Training steps of every run [default: 1000]."),
+    epochs: Optional[float] = typer.Option(None, help="Training length in epochs (instead of --steps)."),
+    optimizer: str = typer.Option("adam", help="sgd or adam."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.1 for sgd, 1e-3 for adam]."),
+    momentum: float = typer.Option(0.0, help="SGD momentum."),
+    weight_decay: float = typer.Option(0.0, help="Weight decay."),
+    beta: float = typer.Option(5.0, help="Inverse temperature β = 1/τ."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    eval_every: Optional[int] = typer.Option(None, help="Steps between metric rows [default: steps/10]."),
+    out: Path = typer.Option(Path("results/runs"), help="Folder of run folders."),
+    data_root: Optional[Path] = typer.Option(None, help="Data folder of image tasks."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Task parameter, or parameter of every sampler of the grid that has it, key=value (repeatable)."),
+    grad_error: bool = typer.Option(False, "--grad-error", help="Record grad_error_sq (one exact gradient per step)."),
+    tv_steps: int = typer.Option(100, help="Probe batches behind sampling_tv at each evaluation (0: off)."),
+    tv_anchors: int = typer.Option(8, help="Probe anchor items of sampling_tv."),
+    plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
+    name: Optional[str] = typer.Option(None, help="Comparison folder <out>/../NAME, i.e. results/NAME (or an absolute path) [default: the task]."),
+    reference: Optional[str] = typer.Option(None, help="Sampler the paired ratios divide by [default: in_batch when compared]."),
+    sort: str = typer.Option("grad_norm_sq", help="Metric the table is sorted by, best first."),
+    collect: bool = typer.Option(False, "--collect", help="Only aggregate the runs that exist; train nothing."),
+) -> None:
+    """Run the missing cells of a samplers × batch sizes × seeds grid (finished runs are
+    skipped, interrupted ones resumed), then aggregate over seeds into results/NAME/:
+    table.csv, table.md and PNG plots."""
+    from rich.markup import escape
+
+    from negbench import compare as cmp
+    from negbench.config import check_writable
+
+    _load_plugins(plugin)
+    err = Console(stderr=True)
+
+    def warn(message: str) -> None:
+        err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
+
+    cmp.check_sort(sort)
+    if runs:
+        grid_options = [flag for flag, value in (("--task", task), ("--samplers", samplers), ("--batch-sizes", batch_sizes),
+                                                  ("--seeds", seeds), ("--collect", collect or None)) if value is not None]
+        if grid_options:
+            raise UserError(f"give run folders or a grid ({', '.join(grid_options)}), not both")
+        records = cmp.collect_dirs(cmp.expand_run_paths(runs), warn)
+        if not records:
+            raise UserError("none of the given folders holds a readable run; pass run folders (results/runs/<run-id>)")
+        tasks = sorted({r.task for r in records})
+        name = name or (tasks[0] if len(tasks) == 1 else "compare")
+        folder = cmp.comparison_folder(out, name)
+        check_writable(folder)
+        ref = cmp.check_reference(reference or "in_batch", records, explicit=reference is not None)
+        command = _command_line([("--out", out, Path("results/runs")), ("--name", name, None),
+                                 ("--reference", reference, None), ("--sort", sort, "grad_norm_sq")], [])
+        command = command.replace("negbench compare", "negbench compare " + " ".join(runs), 1)
+        cmp.write_comparison(folder, records, reference=ref, sort=sort, title=cmp.default_title(records, name),
+                             command=command, console=Console())
+        err.print(f"comparison written to {folder}/")
+        return
+
+    task = task or "digits"
+    specs = cmp.parse_sampler_specs(samplers)
+    sizes = cmp.parse_batch_sizes(batch_sizes or "4,32")
+    seed_list = cmp.parse_seeds(seeds or "3")
+    name = name or task
+    folder = cmp.comparison_folder(out, name)
+    check_writable(folder)
+    ref_label = cmp.parse_sampler_spec(reference).label if reference else "in_batch"
+    if reference and ref_label not in {s.label for s in specs}:
+        raise UserError(f"--reference {reference!r} is not in --samplers; add it or choose one of: "
+                        f"{', '.join(s.label for s in specs)}")
+    base = RunConfig(task=task, steps=steps, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
+                     weight_decay=weight_decay, beta=beta, device=device, eval_every=eval_every, out=out,
+                     data_root=data_root, grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors)
+    grid = cmp.build_grid(base, specs, sizes, seed_list, set_ or [])
+    seeds_text = str(len(seed_list)) if seed_list == list(range(len(seed_list))) else ",".join(map(str, seed_list))
+    command = _command_line([
+        ("--task", task, None), ("--samplers", ",".join(s.label for s in specs), None),
+        ("--batch-sizes", ",".join(map(str, sizes)), None), ("--seeds", seeds_text, None), ("--steps", steps, None),
+        ("--epochs", epochs, None), ("--optimizer", optimizer, "adam"), ("--lr", lr, None), ("--momentum", momentum, 0.0),
+        ("--weight-decay", weight_decay, 0.0), ("--beta", beta, 5.0), ("--device", device, "auto"),
+        ("--eval-every", eval_every, None), ("--out", out, Path("results/runs")), ("--data-root", data_root, None),
+        ("--grad-error", grad_error, False), ("--tv-steps", tv_steps, 100), ("--tv-anchors", tv_anchors, 8),
+        ("--name", name, task), ("--reference", reference, None), ("--sort", sort, "grad_norm_sq"),
+    ], set_ or [])
+    if not collect:
+        err.print(f"compare: {len(grid.cells)} runs ({len(specs)} samplers × {len(sizes)} batch sizes × "
+                  f"{len(seed_list)} seeds) in {out}/")
+        if not cmp.run_grid(grid, err):
+            err.print("compare: interrupted; rerun the same command to resume")
+            raise typer.Exit(130)
+    records = cmp.collect_grid(grid, warn)
+    ref = cmp.check_reference(ref_label, records, explicit=reference is not None)
+    cmp.write_comparison(folder, records, reference=ref, sort=sort, title=cmp.default_title(records, name),
+                         command=command, console=Console())
+    err.print(f"comparison written to {folder}/")
+
 
 def _component_table(registry, title: str) -> Table:  # type: ignore[no-untyped-def]
     table = Table(title=title, show_lines=True)

@@ -3,6 +3,7 @@ k-NN accuracy, and the process's peak memory."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -74,3 +75,18 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh :func:`peak_memory_bytes` window, so that several runs in one process
+    (``negbench compare``) each report their own peak: ``reset_peak_memory_stats`` on a GPU;
+    on Linux CPUs, writing 5 to ``/proc/self/clear_refs`` resets the peak resident set size
+    (``ru_maxrss`` then restarts from the current size). Elsewhere the CPU peak stays the
+    process's lifetime peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")

@@ -105,7 +105,7 @@ def test_chain_item_second_view_continues_first_views_chain(monkeypatch):
 
     monkeypatch.setattr(emc2_module, "mh_sweep", spy)
     views = frozen_views()
-    sampler = bound_sampler("emc2", chain="item")
+    sampler = bound_sampler("emc2", chain="item", kernel="reference")
     run_steps(sampler, views, steps=3, batch_size=5)
     assert len(calls) == 6  # two phases per step
     for first, second in zip(calls[0::2], calls[1::2]):
