@@ -460,7 +460,6 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         distributed.check_replicas(self.params, self.sampler.state_dict())
-        cfg = self.prep.config
         was_training = self.model.training
         self.model.eval()
         row: dict[str, Any] = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -37,11 +36,3 @@ def run_steps(sampler: Sampler, views: torch.Tensor, steps: int, batch_size: int
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Import into a test module to run its tests on one thread: on a loaded 2-core machine,
-    small tensor ops on two threads are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -3,14 +3,9 @@ log-space acceptance, burn-in, chain sharing across views, stale records, diagno
 
 from __future__ import annotations
 
-import math
-import random
-
 import pytest
 import torch
 
-from negbench.distribution import draw_views, frozen_step
-from negbench.sampler import Batch
 from samplerkit import bound_sampler, frozen_views, run_steps
 
 import negbench.samplers.emc2 as emc2_module

@@ -13,13 +13,6 @@ from negbench.encoders import Encoder, full_precision, make_encoder, resnet_trun
 from negbench.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest on one thread (and the CPUs here are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _count(module: nn.Module) -> int:

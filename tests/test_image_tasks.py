@@ -16,13 +16,6 @@ from negbench.errors import UserError
 from negbench.images import prefetch_views, simclr_augmentation, view_seeds
 from negbench.registry import get_task
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest on one thread (and the CPUs here are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = {"image_size": 16, "width": 2, "stem": "small", "mlp_dim": 8, "dim": 4, "workers": 0}

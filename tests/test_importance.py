@@ -16,7 +16,7 @@ from clikit import TINY_SYNTHETIC, invoke
 from negbench import Batch, get_sampler
 from negbench.distribution import sampling_tv
 from negbench.sampler import SamplerContext
-from samplerkit import frozen_views, one_thread  # noqa: F401 (autouse fixture)
+from samplerkit import frozen_views
 
 
 def bound(n: int, beta: float, seed: int = 0, num_views: int | None = 2, dim: int = 4, **params):

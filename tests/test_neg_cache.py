@@ -16,7 +16,7 @@ from clikit import TINY_SYNTHETIC, invoke
 from negbench import Batch, UserError, get_sampler
 from negbench.distribution import exact_negative_distribution, frozen_step, iid_tv_floor, negative_distribution, total_variation
 from negbench.sampler import SamplerContext
-from samplerkit import frozen_views, one_thread  # noqa: F401 (autouse fixture)
+from samplerkit import frozen_views
 
 
 def bound(n: int, beta: float, num_views: int | None = 2, dim: int = 4, seed: int = 0, **params):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from clikit import TINY_SYNTHETIC, invoke
 from negbench import Batch, get_sampler, surrogate_loss
 from negbench.sampler import SamplerContext
-from samplerkit import frozen_views, one_thread  # noqa: F401 (autouse fixture)
+from samplerkit import frozen_views
 
 
 def bind(n: int, beta: float, gamma: float = 0.9, num_views: int | None = 2):
