@@ -25,7 +25,7 @@ A record can fall on an out-of-batch state (the chain rejected every proposal so
 ``stale=drop`` leaves it out, ``stale=refresh`` asks for that view as an extra candidate
 (up to A extra encoder passes) so its fresh embedding is used. No extra passes by default.
 Diagnostics: ``accept_rate`` (accepted / proposals after burn-in), ``stale_frac`` (records on
-out-of-batch states), ``empty_frac`` (anchors left with no negative), ``chain_age`` (mean
+out-of-batch states, dropped or refreshed), ``empty_frac`` (anchors left with no negative), ``chain_age`` (mean
 steps since the stored scores of this step's chains were computed).
 
 Kernels (``kernel=auto|fused|reference``): the sweep is sequential per chain and independent
@@ -312,11 +312,14 @@ class EMC2Sampler(Sampler):
         # W_ac = (#records on c) / (#used records)
         weights = sweep.counts / sweep.used.clamp_min(1).to(sims.dtype)[:, None]
 
-        # Accumulated on the device: no host synchronisation in a step.
+        # Accumulated on the device: no host synchronisation in a step. A record on an
+        # out-of-batch state is either dropped (OUT_OF_BATCH) or, with stale=refresh, falls on
+        # the refreshed extra column (beyond the A in-batch ones): stale_frac counts both.
+        refreshed = sweep.counts[:, num_anchors:].sum()
         self._counters += torch.stack([
             sweep.accepted_after_burn_in.sum(),
             sweep.proposals_after_burn_in.sum(),
-            sweep.out_of_batch.sum(),
+            sweep.out_of_batch.sum() + refreshed.to(sweep.out_of_batch.dtype),
             sweep.recorded.sum(),
             (sweep.used == 0).sum(),
             (ages * started).sum(),
