@@ -139,10 +139,10 @@ def _forwarded_args(ctx: typer.Context, drop: set[str]) -> list[str]:
     """The command line of ``ctx`` as the user gave it (options left at their defaults are
     omitted), without the parameters named in ``drop``."""
     args = [ctx.info_name or ""]
+    given = _given(ctx) - drop
     for param in ctx.command.params:
         name = param.name or ""
-        source = ctx.get_parameter_source(name)
-        if name in drop or source is None or source.name == "DEFAULT":
+        if name not in given:
             continue
         value = ctx.params[name]
         flag = param.opts[0]
