@@ -184,8 +184,19 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, torch.device, list[str]]:
     if too_big and config.part in ("all", "sampler"):
         b, n = too_big[0]
         raise UserError(f"--batch-sizes {b} needs at least {2 * b} items but --num-items has {n}; use larger --num-items")
+    if config.part in ("all", "step"):
+        for name in config.workloads:
+            task = WORKLOADS[name].make_task(config.smoke)
+            task.load(seed=derive_seed(config.seed, "data"))
+            _check_step_batch_size(config.step_batch_size, name, task)
     check_writable(config.out)
     return config, device, names
+
+
+def _check_step_batch_size(batch_size: int, workload: str, task: Task) -> None:
+    if batch_size > task.num_items:
+        raise UserError(f"--step-batch-size {batch_size} is larger than {workload}'s {task.num_items} items; "
+                        f"use at most {task.num_items}")
 
 
 # ---- timing -------------------------------------------------------------------------------------------
@@ -360,8 +371,7 @@ def step_time(cfg: BenchConfig, device: torch.device, names: list[str], advance:
         task.load(seed=derive_seed(cfg.seed, "data"))
         batch_size = cfg.step_batch_size
         notes: dict[str, str] = {}
-        if batch_size > task.num_items:
-            raise UserError(f"--step-batch-size {batch_size} is larger than {workload_name}'s {task.num_items} items")
+        _check_step_batch_size(batch_size, workload_name, task)
         trainers = {}
         for name in names:
             if SAMPLERS.get_class(name).requires_finite_views and not task.finite_views:

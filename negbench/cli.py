@@ -83,8 +83,12 @@ def run(
         None, help="Train on the first N items only, and cap each probe split at N (quick runs)."
     ),
     download: bool = typer.Option(False, "--download", help="Let the task download missing data (STL-10) where a network exists."),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, help="Steps between checkpoints [default: one at each metric row]; SIGINT/SIGTERM also checkpoint. Rerun the same command to resume."
+    ),
 ) -> None:
-    """Train one sampler on one task and write results/runs/<run-id>/."""
+    """Train one sampler on one task and write results/runs/<run-id>/ (rerunning the same
+    command resumes an interrupted run and skips a finished one)."""
     from negbench import distributed
     from negbench.runner import run as run_one, summary_table
 
@@ -94,7 +98,7 @@ def run(
         optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, beta=beta,
         seed=seed, device=device, eval_every=eval_every, out=out, data_root=data_root,
         grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors, max_items=max_items,
-        download=download, preset=preset,
+        download=download, preset=preset, checkpoint_every=checkpoint_every,
     )
     pairs = list(set_ or [])
     if preset is not None:
@@ -197,6 +201,9 @@ def compare(
     reference: Optional[str] = typer.Option(None, help="Sampler the paired ratios divide by [default: in_batch when compared]."),
     sort: str = typer.Option("grad_norm_sq", help="Metric the table is sorted by, best first."),
     collect: bool = typer.Option(False, "--collect", help="Only aggregate the runs that exist; train nothing."),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, help="Steps between checkpoints [default: one at each metric row]; SIGINT/SIGTERM also checkpoint. Rerun the same command to resume."
+    ),
 ) -> None:
     """Run the missing cells of a samplers × batch sizes × seeds grid (finished runs are
     skipped, interrupted ones resumed), then aggregate over seeds into results/NAME/:
@@ -222,7 +229,7 @@ def compare(
         if not records:
             raise UserError("none of the given folders holds a readable run; pass run folders (results/runs/<run-id>)")
         tasks = sorted({r.task for r in records})
-        name = name or (tasks[0] if len(tasks) == 1 else "compare")
+        name = (tasks[0] if len(tasks) == 1 else "compare") if name is None else name
         folder = cmp.comparison_folder(out, name)
         check_writable(folder)
         ref = cmp.check_reference(reference or "in_batch", records, explicit=reference is not None)
@@ -238,7 +245,7 @@ def compare(
     specs = cmp.parse_sampler_specs(samplers)
     sizes = cmp.parse_batch_sizes(batch_sizes or "4,32")
     seed_list = cmp.parse_seeds(seeds or "3")
-    name = name or task
+    name = task if name is None else name
     folder = cmp.comparison_folder(out, name)
     check_writable(folder)
     ref_label = cmp.parse_sampler_spec(reference).label if reference else "in_batch"
@@ -247,7 +254,8 @@ def compare(
                         f"{', '.join(s.label for s in specs)}")
     base = RunConfig(task=task, steps=steps, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
                      weight_decay=weight_decay, beta=beta, device=device, eval_every=eval_every, out=out,
-                     data_root=data_root, grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors)
+                     data_root=data_root, grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors,
+                     checkpoint_every=checkpoint_every)
     grid = cmp.build_grid(base, specs, sizes, seed_list, set_ or [])
     seeds_text = str(len(seed_list)) if seed_list == list(range(len(seed_list))) else ",".join(map(str, seed_list))
     command = _command_line([
@@ -257,7 +265,7 @@ def compare(
         ("--weight-decay", weight_decay, 0.0), ("--beta", beta, 5.0), ("--device", device, "auto"),
         ("--eval-every", eval_every, None), ("--out", out, Path("results/runs")), ("--data-root", data_root, None),
         ("--grad-error", grad_error, False), ("--tv-steps", tv_steps, 100), ("--tv-anchors", tv_anchors, 8),
-        ("--name", name, task), ("--reference", reference, None), ("--sort", sort, "grad_norm_sq"),
+        ("--checkpoint-every", checkpoint_every, None), ("--name", name, task), ("--reference", reference, None), ("--sort", sort, "grad_norm_sq"),
     ], set_ or [])
     if not collect:
         err.print(f"compare: {len(grid.cells)} runs ({len(specs)} samplers × {len(sizes)} batch sizes × "

@@ -202,6 +202,7 @@ class Cell:
     n_over_b: float | None = None
     error: str | None = None  # why it cannot run or why it failed
     ran: bool = False  # trained in this invocation (not skipped as finished)
+    busy: bool = False  # left alone: another process holds its run folder (e.g. an overlapping grid)
 
 
 @dataclass
@@ -256,7 +257,9 @@ def build_grid(base: RunConfig, specs: list[SamplerSpec], batch_sizes: list[int]
 def run_grid(grid: Grid, console: Console) -> bool:
     """Run every cell that is not finished, in grid order, with one progress bar over cells
     (each run's own bar is off). A run that raises is recorded on its cell as failed and the
-    grid goes on. Returns False when a run was interrupted (by a signal): stop and rerun."""
+    grid goes on; a run whose folder another process holds (an overlapping grid, a `negbench
+    run`) is left to it, reported, and read back later if it has finished by then. Returns
+    False when a run was interrupted (by a signal): stop and rerun."""
     progress = Progress(
         TextColumn("[bold]compare[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
         TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
@@ -269,6 +272,10 @@ def run_grid(grid: Grid, console: Console) -> bool:
                 reset_peak_memory(resolve_device(cell.config.device))
                 try:
                     outcome = runner.run(cell.config, console=console, show_progress=False)
+                except runner.RunFolderBusy:
+                    cell.busy = True
+                    console.print(f"[yellow]{cell.spec.label} B={cell.batch_size} seed {cell.seed}: running in another "
+                                  "negbench process, left to it[/yellow]")
                 except Exception as exc:  # a failing cell is a result of the comparison, not a crash
                     text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
                     cell.error = _one_line(text)
@@ -280,7 +287,9 @@ def run_grid(grid: Grid, console: Console) -> bool:
             progress.advance(bar)
         ran = sum(c.ran for c in grid.cells)
         failed = sum(c.error is not None for c in grid.cells)
-        progress.update(bar, description=f"{ran} trained, {len(grid.cells) - ran - failed} already finished, {failed} failed")
+        busy = sum(c.busy for c in grid.cells)
+        progress.update(bar, description=f"{ran} trained, {len(grid.cells) - ran - failed - busy} already finished, "
+                                         f"{failed} failed" + (f", {busy} running elsewhere" if busy else ""))
     return True
 
 
@@ -364,12 +373,17 @@ def _record(task: str, label: str, batch_size: int, seed: int | None, run_dir: P
 
 
 def collect_grid(grid: Grid, warn: Warn) -> list[RunRecord]:
-    """A record per cell: read back, failed (with the reason), or missing (never run)."""
+    """A record per cell: read back, failed (with the reason), or missing (never run, or still
+    running in another process)."""
     records = []
     for cell in grid.cells:
         label, b = cell.spec.label, cell.batch_size
-        if cell.error is not None and not (cell.run_dir and (cell.run_dir / SUMMARY).exists()):
+        finished = cell.run_dir is not None and (cell.run_dir / SUMMARY).exists()
+        if cell.error is not None and not finished:
             records.append(RunRecord(grid.task, label, b, cell.seed, "failed", cell.error, cell.n_over_b))
+        elif cell.busy and not finished:
+            records.append(RunRecord(grid.task, label, b, cell.seed, "missing", "running in another negbench process",
+                                     cell.n_over_b))
         elif cell.run_dir is None or not cell.run_dir.exists():
             records.append(RunRecord(grid.task, label, b, cell.seed, "missing", "not run yet", cell.n_over_b))
         else:

@@ -48,6 +48,9 @@ class RunConfig:
     max_items: int | None = None  # train on the first N items only (Task.subsample)
     download: bool = False  # let a task fetch missing data where a network exists
     preset: str | None = None  # recorded only: the CLI applies presets (negbench.presets)
+    #: steps between checkpoints; None: one at each metric row. Not part of the run id (a
+    #: checkpoint never changes the results), like every field outside prepare()'s ``experiment``
+    checkpoint_every: int | None = None
 
 
 def derive_seed(base: int, purpose: str) -> int:
@@ -138,6 +141,8 @@ def validate_numbers(config: RunConfig) -> None:
         raise UserError(f"--tv-anchors must be a positive integer, got {config.tv_anchors}")
     if config.max_items is not None and config.max_items < 2:
         raise UserError(f"--max-items must be an integer >= 2, got {config.max_items}")
+    if config.checkpoint_every is not None and config.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every must be a positive number of steps, got {config.checkpoint_every}")
 
 
 def choose_seed() -> int:

@@ -1,5 +1,24 @@
 """The training loop: config → task batches + encoder → sampler weights → surrogate loss →
-metrics → run folder (DESIGN §5, §6). Samplers and tasks never import this module."""
+metrics → run folder (DESIGN §5, §6). Samplers and tasks never import this module.
+
+Reliability (issue 7). A checkpoint (``checkpoint.pt``, written atomically) holds everything a
+resumed run needs to end identical, on the CPU, to one never stopped: the step and the data
+order, the model, the optimiser, the sampler's state and the accumulators of its
+diagnostics, every generator's state, the sums behind the current metric window, and how
+many metric rows it covers. It is written every ``checkpoint_every`` steps (default: at each
+metric row) and when SIGINT/SIGTERM stops the loop (after the step in progress). Rerunning
+the same configuration resumes from it, dropping rows written after it; a finished run is
+skipped. One lock per run folder (``.lock``, ``fcntl.flock``) keeps two processes out of one
+run. A loss, gradient, parameter or sampler state that becomes NaN or infinite (checked after
+every step; -inf is allowed in sampler states, where it marks entries not set yet), or a metric
+row whose ``gcl``, embeddings or probe features are, stops the run at that step as
+``diverged``: ``reason`` names the quantity and the step, the rows so far are kept, and a last
+row carries ``diverged_metric``.
+
+Test hook: ``NEGBENCH_TEST_KILL_AT_STEP=k`` (or ``k:TERM``, ``k:INT``) makes the process send
+itself SIGKILL (or that signal) once step k is done, its metric row and checkpoint written —
+how tests kill a run at a chosen step. Unset (always, outside tests) it does nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +26,7 @@ import contextlib
 import copy
 import fcntl
 import math
+import os
 import platform
 import signal
 import statistics
@@ -131,6 +151,7 @@ def prepare(config: RunConfig) -> Prepared:
     n = task.num_items
     if config.batch_size > n:
         raise UserError(f"--batch-size {config.batch_size} is larger than the data set ({n} items); use at most {n}")
+    sampler.check_task(n, task.num_views)  # e.g. emc2 chain=view on random augmentations
     if config.epochs is not None:
         steps = max(1, math.ceil(config.epochs * n / config.batch_size))
     else:
@@ -176,13 +197,9 @@ def prepare(config: RunConfig) -> Prepared:
     return Prepared(config, resolved, config.out / rid, task, sampler, device, steps, eval_every, lr, seed)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @contextlib.contextmanager
-def _signals_raise_interrupt() -> Iterator[dict[str, bool]]:
-    """SIGINT/SIGTERM set a flag; the loop stops after the current step."""
+def _stop_on_signals() -> Iterator[dict[str, bool]]:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and stops after the current step."""
     flag = {"stop": False}
 
     def handler(signum: int, frame: Any) -> None:
@@ -199,15 +216,32 @@ def _signals_raise_interrupt() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
+class RunFolderBusy(UserError):
+    """Another process holds the run folder's lock."""
+
+
 @contextlib.contextmanager
 def _folder_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``run_dir/.lock`` (released by the OS if the process dies);
+    :class:`RunFolderBusy` at once when another process holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"run folder {run_dir} is in use by another negbench process; wait for it") from None
+            raise RunFolderBusy(
+                f"run folder {run_dir} is in use by another negbench process; wait for it to end, then rerun"
+            ) from None
         yield
+
+
+def _kill_hook() -> tuple[int, signal.Signals] | None:
+    """``NEGBENCH_TEST_KILL_AT_STEP`` (see the module docstring), or None."""
+    text = os.environ.get("NEGBENCH_TEST_KILL_AT_STEP")
+    if not text:
+        return None
+    step, _, name = text.partition(":")
+    return int(step), signal.Signals[f"SIG{name or 'KILL'}"]
 
 
 @dataclass
@@ -220,6 +254,16 @@ class _Window:
     grad_error_count: int = 0
     step_seconds: list[float] = field(default_factory=list)
     sampler_seconds: list[float] = field(default_factory=list)
+
+    #: what a checkpoint keeps (timings are not: they never enter a comparison of results)
+    SAVED = ("loss_sum", "loss_count", "grad_error_sum", "grad_error_count")
+
+    def state(self) -> dict[str, float | int]:
+        return {key: getattr(self, key) for key in self.SAVED}
+
+    @classmethod
+    def from_state(cls, state: dict[str, float | int]) -> "_Window":
+        return cls(**{key: state[key] for key in cls.SAVED})
 
 
 class Trainer:
@@ -459,7 +503,11 @@ class Trainer:
         return self.model(inputs).reshape(items.numel(), 2, -1)
 
     def evaluate(self) -> dict[str, Any]:
+        """The metric row of the current step (DESIGN §4); the window's sums start again. When
+        the embeddings, ``gcl`` or the probe features are not finite, the metrics that need
+        them are None and ``diverged_metric`` names the first such quantity."""
         distributed.check_replicas(self.params, self.sampler.state_dict())
+        bad: list[str] = []
         was_training = self.model.training
         self.model.eval()
         row: dict[str, Any] = {
@@ -474,7 +522,11 @@ class Trainer:
             row["gcl"] = value
             row["grad_norm_sq"] = float(sum(float(g.pow(2).sum()) for g in grads))
             row["grad_error_sq"] = w.grad_error_sum / w.grad_error_count if w.grad_error_count else None
-            if self.prep.resolved["tv_steps"] > 0:
+            if not math.isfinite(value):
+                bad.append("gcl")
+            elif not bool(torch.isfinite(emb).all()):
+                bad.append("embeddings")
+            if self.prep.resolved["tv_steps"] > 0 and not bad:
                 num_probe = len(self.probe_anchors)
                 batch = max(1, min(self.batch_size, self.task.num_items - num_probe))
                 tv, floor = sampling_tv(
@@ -488,13 +540,19 @@ class Trainer:
             emb = self.evaluation_views()
             for key in ("gcl", "grad_norm_sq", "grad_error_sq", "sampling_tv", "sampling_tv_floor"):
                 row[key] = None
+            if not bool(torch.isfinite(emb).all()):
+                bad.append("embeddings")
         row["alignment"] = alignment(emb)
         row["uniformity"] = uniformity(emb)
         data = self.task.eval_data()
         if data is not None:
             with torch.no_grad():
                 feats = [self.features(x) for x in (data.train_x, data.test_x)]
-            row.update(probe_accuracies(feats[0], data.train_y, feats[1], data.test_y))
+            if all(bool(torch.isfinite(f).all()) for f in feats):
+                row.update(probe_accuracies(feats[0], data.train_y, feats[1], data.test_y))
+            else:  # the probes cannot fit non-finite features
+                row.update({"lp_acc": None, "knn1_acc": None, "knn10_acc": None})
+                bad.append("features")
         row.update(self.sampler.diagnostics())
         if w.step_seconds:
             step_s = statistics.median(w.step_seconds)
@@ -505,6 +563,8 @@ class Trainer:
             row["step_ms"] = row["sampler_ms"] = row["samples_per_s"] = None
         row["peak_mem_bytes"] = peak_memory_bytes(self.device)
         row["state_bytes"] = self.sampler.state_bytes()
+        if bad:
+            row["diverged_metric"] = bad[0]
         self.window = _Window()
         self.model.train(was_training)
         return row
@@ -515,6 +575,7 @@ class Trainer:
 
     # ---- checkpoint -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a resume needs to continue exactly where this run is (module docstring)."""
         return {
             "step": self.step,
             "epoch": self.epoch,
@@ -523,6 +584,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "sampler_diagnostics": self.sampler.diagnostics_state(),
+            "window": self.window.state(),
             "generators": {
                 "order": self.order_generator.get_state(),
                 "data": self.data_generator.get_state(),
@@ -539,6 +602,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
+        # checkpoints of earlier versions were only taken at metric rows, where both are empty
+        if "sampler_diagnostics" in state:
+            self.sampler.load_diagnostics_state(state["sampler_diagnostics"])
+        self.window = _Window.from_state(state["window"]) if "window" in state else _Window()
         self.order_generator.set_state(state["generators"]["order"])
         self.data_generator.set_state(state["generators"]["data"])
         self.sampler_generator.set_state(state["generators"]["sampler"])
@@ -546,16 +613,25 @@ class Trainer:
     start_step = 0
 
 
-def _nan_in_sampler_state(sampler: Sampler) -> bool:
-    return any(
-        t.is_floating_point() and bool(torch.isnan(t).any())
-        for t in sampler.state_dict().values()
-        if isinstance(t, torch.Tensor)
-    )
+def _bad_sampler_state(sampler: Sampler) -> bool:
+    """Whether a floating-point state tensor holds NaN or +inf (-inf is allowed: sogclr's
+    log u and emc2's chain score use it for "not set yet"). One host synchronisation."""
+    tensors = [t for t in (getattr(sampler, name) for name in sampler.state_attributes)
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not tensors:
+        return False
+    return bool(torch.stack([(torch.isnan(t) | torch.isposinf(t)).any() for t in tensors]).any())
 
 
-def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str | None) -> dict[str, Any]:
-    """The summary: status, each metric's final value, and the stationarity-gap statistics
+def _not_finite(tensors: list[Tensor]) -> bool:
+    """Whether some entry of ``tensors`` is NaN or ±inf (one host synchronisation)."""
+    return bool(tensors) and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str | None,
+              steps_done: int | None = None) -> dict[str, Any]:
+    """The summary: status, the steps done (default: the step of the last row; an interrupted
+    run may have gone past it), each metric's final value, and the stationarity-gap statistics
     ``grad_norm_sq_avg`` (mean over the evaluations of the second half) and ``_min``."""
     final: dict[str, Any] = {}
     for row in rows:
@@ -568,7 +644,7 @@ def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str |
         "status": status,
         "reason": reason,
         "steps_planned": steps,
-        "steps_done": rows[-1]["step"] if rows else 0,
+        "steps_done": steps_done if steps_done is not None else (rows[-1]["step"] if rows else 0),
         "final": final,
         "grad_norm_sq_avg": sum(second_half) / len(second_half) if second_half else None,
         "grad_norm_sq_min": min((g for _, g in gaps), default=None),
@@ -595,6 +671,12 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     return table
 
 
+def _finished_summary(summary_path: Path) -> dict[str, Any] | None:
+    """The summary of a completed or diverged run (nothing left to do), else None."""
+    previous = read_json(summary_path) if summary_path.exists() else None
+    return previous if previous is not None and previous.get("status") in ("completed", "diverged") else None
+
+
 def run(
     config: RunConfig,
     *,
@@ -603,7 +685,8 @@ def run(
     prepared: Prepared | None = None,
 ) -> RunOutcome:
     """Run (or resume, or skip when already finished) one configuration. Bad input raises
-    :class:`UserError` before anything is written."""
+    :class:`UserError` before anything is written; a run folder locked by another process
+    raises :class:`RunFolderBusy` (a :class:`UserError`), also before anything is written."""
     console = console or Console(stderr=True)
     prep = prepared or prepare(config)
     main = distributed.is_main()  # with several processes only rank 0 prints and writes files
@@ -611,13 +694,23 @@ def run(
         console, show_progress = Console(stderr=True, quiet=True), False
     run_dir = prep.run_dir
     summary_path = run_dir / SUMMARY
-    previous = distributed.from_main(lambda: read_json(summary_path) if summary_path.exists() else None)
+
+    def skip(previous: dict[str, Any]) -> RunOutcome:
+        console.print(f"[dim]{prep.resolved['run_id']}: already {previous['status']}, skipped[/dim]")
+        return RunOutcome(run_dir, previous, skipped=True)
+
+    previous = distributed.from_main(lambda: _finished_summary(summary_path))
     if previous is not None:
-        if previous.get("status") in ("completed", "diverged"):
-            console.print(f"[dim]{prep.resolved['run_id']}: already {previous['status']}, skipped[/dim]")
-            return RunOutcome(run_dir, previous, skipped=True)
+        return skip(previous)
 
     with _folder_lock(run_dir) if main else contextlib.nullcontext():
+        # another process may have finished this run between the check above and the lock
+        previous = distributed.from_main(lambda: _finished_summary(summary_path))
+        if previous is not None:
+            return skip(previous)
+        if main:  # temporary files of an atomic write a killed process never finished
+            for stale in run_dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         trainer = Trainer(prep, console, show_progress)
         checkpoint_path = run_dir / CHECKPOINT
         metrics_path = run_dir / METRICS
@@ -649,12 +742,26 @@ def run(
                 console.print(f"{distributed.world_size()} processes ({prep.resolved['distributed']['backend']}), "
                               f"{prep.config.batch_size // distributed.world_size()} items each per step")
 
+        every = prep.config.checkpoint_every
+
+        def save_checkpoint() -> None:
+            if main:
+                atomic_torch_save(checkpoint_path, trainer.checkpoint_state())
+
         def record(row: dict[str, Any]) -> None:
             trainer.rows.append(row)
             if main:
                 append_row(metrics_path, row)
-                atomic_torch_save(checkpoint_path, trainer.checkpoint_state())
+            if every is None:
+                save_checkpoint()
 
+        def evaluate_and_record() -> str | None:
+            """Record a metric row; returns the quantity that became non-finite, if one did."""
+            row = trainer.evaluate()
+            record(row)
+            return row.get("diverged_metric")
+
+        kill = _kill_hook()
         status, reason = "completed", None
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -662,44 +769,50 @@ def run(
             console=console, disable=not show_progress, transient=False,
         )
         try:
-            with _signals_raise_interrupt() as flag, progress:
+            with _stop_on_signals() as flag, progress:
                 bar = progress.add_task(prep.sampler.name, total=prep.steps, completed=trainer.step, info="")
-                if not trainer.rows:
-                    record(trainer.evaluate())
-                while trainer.step < prep.steps:
+                bad = evaluate_and_record() if not trainer.rows else None
+                while trainer.step < prep.steps and bad is None:
                     if distributed.any_rank(flag["stop"]):  # every rank stops at the same step
-                        raise _Interrupt
+                        save_checkpoint()
+                        status, reason = "interrupted", (f"stopped by a signal at step {trainer.step}; "
+                                                         "rerun the same command to resume")
+                        break
                     loss = trainer.train_step()
                     progress.update(bar, advance=1, info=f"loss {loss:.4g}")
-                    bad = None if math.isfinite(loss) else "loss"
-                    if bad is None and any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in trainer.params):
+                    if not math.isfinite(loss):
+                        bad = "loss"
+                    elif _not_finite([p.grad for p in trainer.params if p.grad is not None]):
                         bad = "gradient"
-                    if bad is None and trainer.step % prep.eval_every == 0 and _nan_in_sampler_state(trainer.sampler):
+                    elif _not_finite([p.detach() for p in trainer.params]):
+                        bad = "parameters"
+                    elif _bad_sampler_state(trainer.sampler):
                         bad = "sampler state"
-                    if bad is not None:
-                        status, reason = "diverged", f"{bad} became non-finite at step {trainer.step}"
+                    if bad is not None:  # a row that names it; the rows before are kept
                         row = {"step": trainer.step, "loss": None, "diverged_metric": bad}
                         if main:
                             append_row(metrics_path, row)
                         trainer.rows.append(row)
                         break
                     if trainer.step % prep.eval_every == 0 or trainer.step == prep.steps:
-                        row = trainer.evaluate()
-                        record(row)
-                        if row.get("gcl") is not None and not math.isfinite(row["gcl"]):
-                            status, reason = "diverged", f"gcl became non-finite at step {trainer.step}"
+                        bad = evaluate_and_record()
+                        if bad is not None:
                             break
-        except _Interrupt:
-            status, reason = "interrupted", f"stopped by a signal at step {trainer.step}; rerun the same command to resume"
+                    if every is not None and trainer.step % every == 0:
+                        save_checkpoint()
+                    if kill is not None and trainer.step == kill[0]:
+                        os.kill(os.getpid(), kill[1])
+                if bad is not None:
+                    status, reason = "diverged", f"{bad} became non-finite at step {trainer.step}"
         except UserError:
             raise
         except Exception as exc:
             status, reason = "failed", f"{type(exc).__name__}: {exc}"
-            summary = summarise(trainer.rows, prep.steps, status, reason)
+            summary = summarise(trainer.rows, prep.steps, status, reason, trainer.step)
             if main:
                 atomic_write_json(summary_path, summary)
             raise
-        summary = summarise(trainer.rows, prep.steps, status, reason)
+        summary = summarise(trainer.rows, prep.steps, status, reason, trainer.step)
         if main:
             atomic_write_json(summary_path, summary)
         if main and status in ("completed", "diverged"):

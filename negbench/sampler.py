@@ -17,12 +17,14 @@ and its gradient is the sampler's estimate of ∇F. Per step the runner calls, i
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
+from negbench.errors import UserError
 from negbench.params import Configurable
 
 #: ``encode(items, views) -> embeddings`` without gradients; view -1 lets the task choose.
@@ -119,15 +121,33 @@ class Sampler(Configurable):
     normalised_weights: ClassVar[bool] = True
     #: names of the tensor attributes that make up the per-item state (saved, counted)
     state_attributes: ClassVar[tuple[str, ...]] = ()
+    #: names of the attributes :meth:`diagnostics` accumulates between two calls (tensors or
+    #: plain values): saved in a checkpoint apart from the state, so that a run resumed in the
+    #: middle of a metric window reports the same diagnostics; never counted in state_bytes
+    diagnostic_attributes: ClassVar[tuple[str, ...]] = ()
 
     context: SamplerContext | None = None
 
     def bind(self, context: SamplerContext) -> "Sampler":
         """Attach to a run (sizes, β, device, generator) and allocate the per-item state."""
+        self.check_task(context.num_items, context.num_views)
         self.context = context
         self.generator = context.generator or torch.Generator(device=context.device)
         self.reset_state()
         return self
+
+    def check_task(self, num_items: int, num_views: int | None) -> None:
+        """Raise :class:`~negbench.errors.UserError` (one line, naming the fix) when this
+        sampler, with its parameters, cannot run on a task of ``num_items`` items with
+        ``num_views`` fixed views each (None: fresh random augmentations). The runner calls it
+        before anything is written; :meth:`bind` calls it too. The default refuses a
+        random-augmentation task when ``requires_finite_views``; override it (calling
+        ``super()``) for parameter-dependent limits."""
+        if self.requires_finite_views and num_views is None:
+            raise UserError(
+                f"sampler {self.name!r} needs a finite view set but the task draws random augmentations; "
+                "use a finite-view task (synthetic, digits, stl10_subset)"
+            )
 
     def reset_state(self) -> None:
         """Allocate fresh per-item state; samplers without state need not override it."""
@@ -160,6 +180,22 @@ class Sampler(Configurable):
     def state_bytes(self) -> int:
         """Exact bytes of the per-item state."""
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.state_attributes)
+
+    def diagnostics_state(self) -> dict[str, Any]:
+        """The accumulators behind :meth:`diagnostics` (``diagnostic_attributes``), copied."""
+        return {
+            name: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+            for name in self.diagnostic_attributes
+            for value in (getattr(self, name),)
+        }
+
+    def load_diagnostics_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`diagnostics_state` (tensors onto the current ones' device and dtype)."""
+        for name in self.diagnostic_attributes:
+            value, current = state[name], getattr(self, name)
+            if isinstance(current, torch.Tensor):
+                value = value.to(device=current.device, dtype=current.dtype).clone()
+            setattr(self, name, copy.deepcopy(value) if not isinstance(value, torch.Tensor) else value)
 
     # ---- helpers for subclasses ------------------------------------------------------
     @property

@@ -215,6 +215,12 @@ class EMC2Sampler(Sampler):
     }
     test_params = {"burn_in": 0.5}
     state_attributes = ("chain_state", "chain_score", "chain_step")
+    diagnostic_attributes = ("_counters", "_anchors_seen")
+
+    def check_task(self, num_items: int, num_views: int | None) -> None:
+        super().check_task(num_items, num_views)
+        if self.chain == "view" and num_views is None:
+            raise UserError("emc2 chain=view needs a finite-view task; use --set chain=item or chain=auto")
 
     def reset_state(self) -> None:
         ctx = self.context
@@ -222,8 +228,6 @@ class EMC2Sampler(Sampler):
         mode = self.chain
         if mode == "auto":
             mode = "view" if ctx.finite_views else "item"
-        if mode == "view" and not ctx.finite_views:
-            raise ValueError("emc2 chain=view needs a finite-view task; use chain=item or chain=auto")
         self.mode = mode
         self.views_per_chain = ctx.num_views if mode == "view" else 1
         num_chains = ctx.num_items * self.views_per_chain

@@ -70,6 +70,12 @@ class NegativeCacheSampler(Sampler):
     }
     test_params = {"k": 2, "refresh_frac": 0.1}
     state_attributes = ("cache_emb", "cache_step")
+    diagnostic_attributes = ("_counters",)
+
+    def check_task(self, num_items: int, num_views: int | None) -> None:
+        super().check_task(num_items, num_views)
+        if self.cache == "view" and num_views is None:
+            raise UserError("neg_cache cache=view needs a finite-view task; use --set cache=item or cache=auto")
 
     def reset_state(self) -> None:
         ctx = self.context
@@ -77,8 +83,6 @@ class NegativeCacheSampler(Sampler):
         mode = self.cache
         if mode == "auto":
             mode = "view" if ctx.finite_views else "item"
-        if mode == "view" and not ctx.finite_views:
-            raise UserError("neg_cache cache=view needs a finite-view task; use --set cache=item or cache=auto")
         self.mode = mode
         self.views_per_item = ctx.num_views if mode == "view" else 1
         rows = ctx.num_items * self.views_per_item

@@ -66,19 +66,4 @@ def test_samplers_over_the_candidate_cap_are_reported_as_not_applicable(tmp_path
     assert frame.loc["in_batch", "median_ms"] > 0 and set(frame.part) == {"sampler"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-sizes", "0"], "positive integers"),
-    (["--batch-sizes", "32,x"], "positive integers"),
-    (["--num-items", "100", "--batch-sizes", "64"], "needs at least 128 items"),
-    (["--samplers", "emcc"], "did you mean: emc2"),
-    (["--workloads", "resnet50"], "unknown workload"),
-    (["--part", "everything"], "--part must be one of"),
-    (["--repeats", "0"], "--repeats must be a positive integer"),
-    (["--device", "tpu"], "--device must be one of"),
-    (["--threads", "0"], "--threads must be a positive integer"),
-])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
-    out = tmp_path / "bench"
-    code, _, err = invoke(capsys, "bench", "--out", str(out), *args)
-    assert code == 2 and err.count("\n") == 1 and err.startswith("negbench: error:") and message in err, err
-    assert not out.exists()
+# Bad input (every command, one table): tests/test_bad_input.py

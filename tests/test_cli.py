@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -100,56 +99,4 @@ def test_list_prints_parameter_ranges_verbatim(capsys, monkeypatch):
     assert code == 0 and "[float in (0, 1]]" in out  # sogclr's gamma: not swallowed as rich markup
 
 
-BAD_INPUTS = [
-    (["run", "--sampler", "emcc"], "did you mean: emc2"),
-    (["run", "--task", "digit"], "did you mean: digits"),
-    (["run", "--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["run", "--batch-size", "-4"], "--batch-size must be a positive integer"),
-    (["run", *TINY_SYNTHETIC, "--batch-size", "25"], "larger than the data set (24 items)"),
-    (["run", "--set", "bogus=1"], "unknown --set key 'bogus'"),
-    (["run", "--set", "burn_in=2"], "must be in [0, 0.99]"),
-    (["run", "--set", "burnin=0.3"], "did you mean: burn_in"),
-    (["run", "--set", "noequals"], "--set expects key=value"),
-    (["run", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
-    (["run", "--steps", "0"], "--steps must be a positive integer"),
-    (["run", "--steps", "5", "--epochs", "1"], "not both"),
-    (["run", "--optimizer", "rmsprop"], "--optimizer must be one of sgd, adam"),
-    (["run", "--beta", "0"], "--beta must be a finite number > 0"),
-    (["run", "--lr", "-1"], "--lr must be a finite number >= 0"),
-    (["run", "--device", "tpu"], "--device must be one of auto, cpu, cuda"),
-    (["run", "--plugin", "/nonexistent/plugin.py"], "does not exist"),
-    (["run", "--no-such-option"], "No such option"),
-    (["list", "widgets"], "takes samplers, tasks or all"),
-]
-
-
-@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
-    out = tmp_path / "out"
-    extra = ["--out", str(out)] if args[0] == "run" and "--no-such-option" not in args else []
-    code, stdout, err = invoke(capsys, *args, *extra)
-    assert code == 2
-    assert message in err, err
-    assert err.strip().count("\n") == 0 and "Traceback" not in err
-    assert not out.exists()
-
-
-def test_unwritable_output_folder(tmp_path, capsys):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    code, _, err = invoke(capsys, "run", *TINY_SYNTHETIC, "--out", str(blocker / "runs"))
-    assert code == 2 and "is a file, not a folder" in err and err.strip().count("\n") == 0
-    if os.geteuid() != 0:  # root ignores permission bits
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        code, _, err = invoke(capsys, "run", *TINY_SYNTHETIC, "--out", str(locked / "runs"))
-        assert code == 2 and "not writable" in err
-
-
-def test_cuda_requested_without_cuda(tmp_path, capsys):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    code, _, err = invoke(capsys, "run", "--device", "cuda", "--out", str(tmp_path / "o"))
-    assert code == 2 and "CUDA is not available" in err
+# Bad input (every command, one table): tests/test_bad_input.py

@@ -309,46 +309,7 @@ def test_a_sampler_incompatible_with_the_task_is_a_failed_row(tmp_path, capsys, 
     assert status.loc["in_batch", "status"] == "1 missing"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--samplers", "emc"], "did you mean: emc2"),
-    (["--task", "digitz"], "did you mean: digits"),
-    (["--samplers", ","], "--samplers is empty"),
-    (["--samplers", "in_batch,simclr"], "more than once"),
-    (["--samplers", "emc2,emc2:stale=drop"], "same configuration"),
-    (["--samplers", "emc2:stale=bogus"], "must be one of drop, refresh"),
-    (["--samplers", "emc2:stale"], "expected key=value"),
-    (["--seeds", "many"], "--seeds expects integers"),
-    (["--seeds", "0"], "--seeds must be a positive count"),
-    (["--seeds", "1,1"], "repeats a value"),
-    (["--batch-sizes", "0,4"], "--batch-sizes must be positive"),
-    (["--batch-sizes", "4,1000"], "larger than the data set"),
-    (["--sort", "gap"], "is not a metric"),
-    (["--reference", "uniform"], "--reference 'uniform' is not in --samplers"),
-    (["--set", "burn_inn=0.3"], "unknown --set key 'burn_inn'"),
-    (["--set", "burn_in"], "--set expects key=value"),
-    (["--steps", "0"], "--steps must be a positive integer"),
-    (["--name", "runs"], "in or around the runs folder"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
-    base = ["compare", *TINY_SYNTHETIC, "--samplers", "in_batch,emc2", "--batch-sizes", "4", "--seeds", "1",
-            "--steps", "2", "--out", str(tmp_path / "runs")]
-    code, _, err = invoke(capsys, *base, *args)
-    assert code == 2
-    assert len(err.strip().splitlines()) == 1 and message in err, err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_unwritable_output_and_mixed_modes(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    code, _, err = invoke(capsys, "compare", *TINY_SYNTHETIC, "--samplers", "uniform", "--seeds", "1",
-                          "--out", str(blocker / "runs"))
-    assert code == 2 and "is a file, not a folder" in err
-    code, _, err = invoke(capsys, "compare", str(tmp_path), "--task", "digits")
-    assert code == 2 and "not both" in err
-    code, _, err = invoke(capsys, "compare", str(tmp_path / "nothing*"))
-    assert code == 2 and "no run folder matches" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+# Bad input (every command, one table): tests/test_bad_input.py
 
 
 def test_parsing_and_set_routing():

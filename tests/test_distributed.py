@@ -171,18 +171,4 @@ def test_run_nproc_2_writes_one_folder_matching_one_process(tmp_path, capsys):
                 assert got[key] == pytest.approx(want[key], abs=1e-5, rel=1e-4), key
 
 
-NO_GPU_FOR_EACH = "--device cuda was asked for but CUDA is not available" if not torch.cuda.is_available() else (
-    "--nproc 2 needs 2 GPUs")
-
-
-@pytest.mark.parametrize(("args", "message"), [
-    (["--batch-size", "5", "--nproc", "2"], "--batch-size 5 is not divisible by the 2 processes"),
-    (["--batch-size", "4", "--nproc", "0"], "--nproc must be a positive integer"),
-    (["--batch-size", "4", "--nproc", "2", "--device", "cuda"], NO_GPU_FOR_EACH),
-])
-def test_bad_nproc_is_one_line_and_starts_nothing(args, message, tmp_path, capsys):
-    if "cuda" in args and torch.cuda.device_count() >= 2:
-        pytest.skip("two GPUs are visible")
-    code, _, err = invoke(capsys, "run", *TINY_SYNTHETIC, "--steps", "2", "--out", str(tmp_path / "o"), *args)
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+# Bad --nproc values (every command's bad input, one table): tests/test_bad_input.py

@@ -9,6 +9,7 @@ import torch
 from samplerkit import bound_sampler, frozen_views, run_steps
 
 import negbench.samplers.emc2 as emc2_module
+from negbench.errors import UserError
 from negbench.samplers.emc2 import NOT_RECORDED, mh_sweep
 
 
@@ -85,7 +86,7 @@ def test_state_is_twelve_bytes_per_chain():
 
 
 def test_chain_view_needs_finite_views():
-    with pytest.raises(ValueError, match="finite-view"):
+    with pytest.raises(UserError, match="finite-view task; use --set chain=item"):
         bound_sampler("emc2", m=None, chain="view")
 
 

@@ -1,6 +1,6 @@
 """Conformance suite run over every registered sampler (a new sampler is tested the day it
 is added): shapes, W ≥ 0 and finite, 0 on invalid pairs, seeded determinism, state_dict
-round trip, declared metadata."""
+round trip (with the diagnostics' accumulators), declared metadata."""
 
 from __future__ import annotations
 
@@ -65,13 +65,17 @@ def test_state_dict_round_trip_resumes_identically(name):
     reference = bound_sampler(name, seed=1)
     run_steps(reference, views, steps=4, batch_size=5, seed=7)
     state = reference.state_dict()
+    diagnostics = reference.diagnostics_state()  # mid-window: 4 steps accumulated, not yet reported
     generator_state = reference.generator.get_state()
     expected = run_steps(reference, views, steps=2, batch_size=5, seed=8)
 
     resumed = bound_sampler(name, seed=999)
     resumed.load_state_dict(state)
+    resumed.load_diagnostics_state(diagnostics)
     resumed.generator.set_state(generator_state)
     got = run_steps(resumed, views, steps=2, batch_size=5, seed=8)
+    # the diagnostics of the window cover the steps before the snapshot too
+    assert resumed.diagnostics() == reference.diagnostics()
     for (b1, w1), (b2, w2) in zip(expected, got):
         torch.testing.assert_close(w1, w2, rtol=0, atol=0)
         # the same extras too: W alone does not show which items a sampler drew

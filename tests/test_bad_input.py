@@ -1,0 +1,330 @@
+"""The wall against bad input (DESIGN §6, issue 7), for every command: each bad input is one
+line on stderr (``negbench: error: ...``, naming the problem), exit code 2, no traceback, and
+nothing written. One table of cases, then property-based tests: random option values never
+end in a traceback. (Bad data folders of the image tasks: test_image_tasks.py.)"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from clikit import TINY_SYNTHETIC, invoke
+from negbench import list_samplers, runner
+from negbench.config import RunConfig
+from negbench.registry import SAMPLERS
+
+RANDOM_AUG_TASK = '''
+from negbench.registry import register_task
+from negbench.tasks.synthetic import SyntheticTask
+
+
+@register_task("test_random_aug")
+class RandomAug(SyntheticTask):
+    description = "synthetic, declared as drawing random augmentations (test only)"
+    finite_views = False
+
+    def load(self, **kwargs):
+        super().load(**kwargs)
+        self.num_views = None
+'''
+
+
+def make_file(tmp: Path) -> None:
+    (tmp / "file").write_text("x")
+
+
+def make_read_only_folder(tmp: Path) -> None:
+    (tmp / "locked").mkdir(mode=0o500)
+
+
+def make_random_aug_plugin(tmp: Path) -> None:
+    (tmp / "random_aug.py").write_text(RANDOM_AUG_TASK)
+
+
+def make_empty_folder(tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+
+
+def corrupt_summary(tmp: Path) -> None:
+    """The folder of the run of ``CORRUPT_ARGS``, with a summary.json that is not JSON."""
+    tiny = dict(pair.split("=") for pair in TINY_SYNTHETIC[3::2])
+    prep = runner.prepare(RunConfig(sampler="uniform", task="synthetic", task_params=tiny, batch_size=4, steps=2,
+                                    seed=0, out=tmp / "out"))
+    prep.run_dir.mkdir(parents=True)
+    (prep.run_dir / "summary.json").write_text("{garbage")
+
+
+CORRUPT_ARGS = [*TINY_SYNTHETIC, "--sampler", "uniform", "--batch-size", "4", "--steps", "2", "--seed", "0"]
+NO_CUDA = not torch.cuda.is_available()
+ROOT = os.geteuid() == 0  # root ignores permission bits
+NO_GPU_FOR_EACH = "--device cuda was asked for but CUDA is not available" if NO_CUDA else "--nproc 2 needs 2 GPUs"
+
+
+@dataclass
+class Case:
+    args: list[str]  # "{tmp}" stands for the test's empty folder
+    message: str  # a part of the one-line error
+    setup: Callable[[Path], None] | None = None  # what exists before the command (not counted as written)
+    skip: str | None = None  # why this case cannot be checked on this machine
+    default_out: bool = True  # add --out {tmp}/out to run, compare and bench
+
+
+RUN = [
+    Case(["--sampler", "emcc"], "did you mean: emc2"),
+    Case(["--task", "digit"], "did you mean: digits"),
+    Case(["--batch-size", "0"], "--batch-size must be a positive integer"),
+    Case(["--batch-size", "-4"], "--batch-size must be a positive integer"),
+    Case(["--batch-size", "abc"], "Invalid value for '--batch-size'"),
+    Case([*TINY_SYNTHETIC, "--batch-size", "25"], "larger than the data set (24 items)"),
+    Case(["--steps", "0"], "--steps must be a positive integer"),
+    Case(["--steps", "5", "--epochs", "1"], "not both"),
+    Case(["--epochs", "nan"], "--epochs must be a positive number"),
+    Case(["--optimizer", "rmsprop"], "--optimizer must be one of sgd, adam"),
+    Case(["--lr", "-1"], "--lr must be a finite number >= 0"),
+    Case(["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    Case(["--momentum", "1"], "--momentum must be in [0, 1)"),
+    Case(["--beta", "0"], "--beta must be a finite number > 0"),
+    Case(["--seed", "-1"], "--seed must be in [0, 2^32)"),
+    Case(["--eval-every", "0"], "--eval-every must be a positive integer"),
+    Case(["--tv-steps", "-1"], "--tv-steps must be >= 0"),
+    Case(["--tv-anchors", "0"], "--tv-anchors must be a positive integer"),
+    Case(["--checkpoint-every", "0"], "--checkpoint-every must be a positive number of steps"),
+    Case(["--device", "tpu"], "--device must be one of auto, cpu, cuda"),
+    Case(["--device", "cuda"], "CUDA is not available", skip=None if NO_CUDA else "this machine has CUDA"),
+    Case(["--preset", "paper"], "unknown preset 'paper'"),
+    Case(["--set", "bogus=1"], "unknown --set key 'bogus'"),
+    Case(["--set", "burnin=0.3"], "did you mean: burn_in"),
+    Case(["--set", "burn_in=2"], "must be in [0, 0.99]"),
+    Case(["--set", "noequals"], "--set expects key=value"),
+    Case(["--set", "sampler.bogus=1"], "unknown sampler 'emc2' parameter 'bogus'"),
+    Case(["--sampler", "sogclr", "--set", "gamma=0"], "sampler 'sogclr' parameter 'gamma' must be in (0, 1]"),
+    Case([*TINY_SYNTHETIC, "--set", "num_items=many"], "task 'synthetic' parameter 'num_items' expects int"),
+    Case(["--plugin", "/nonexistent/plugin.py"], "does not exist"),
+    Case(["--no-such-option"], "No such option", default_out=False),
+    Case(["--plugin", "{tmp}/random_aug.py", "--task", "test_random_aug", "--set", "num_items=24", "--batch-size", "4", "--sampler", "emc2",
+          "--set", "chain=view"], "emc2 chain=view needs a finite-view task", make_random_aug_plugin),
+    Case(["--plugin", "{tmp}/random_aug.py", "--task", "test_random_aug", "--set", "num_items=24", "--batch-size", "4", "--sampler",
+          "neg_cache", "--set", "cache=view"], "neg_cache cache=view needs a finite-view task", make_random_aug_plugin),
+    Case(["--plugin", "{tmp}/random_aug.py", "--task", "test_random_aug", "--sampler", "full_softmax"],
+         "needs a finite view set", make_random_aug_plugin),
+    Case([*TINY_SYNTHETIC, "--out", "{tmp}/file/runs"], "is a file, not a folder", make_file),
+    Case([*TINY_SYNTHETIC, "--out", "{tmp}/locked/runs"], "not writable", make_read_only_folder,
+         skip="root ignores permission bits" if ROOT else None),
+    Case([*CORRUPT_ARGS, "--out", "{tmp}/out"], "summary.json: JSONDecodeError; delete it or the run folder",
+         corrupt_summary),
+    Case([*TINY_SYNTHETIC, "--batch-size", "4", "--nproc", "0"], "--nproc must be a positive integer"),
+    Case([*TINY_SYNTHETIC, "--batch-size", "5", "--nproc", "2"], "--batch-size 5 is not divisible by the 2 processes"),
+    Case([*TINY_SYNTHETIC, "--batch-size", "4", "--nproc", "2", "--device", "cuda"], NO_GPU_FOR_EACH,
+         skip="two GPUs are visible" if torch.cuda.device_count() >= 2 else None),
+]
+
+COMPARE_BASE = [*TINY_SYNTHETIC, "--samplers", "in_batch,emc2", "--batch-sizes", "4", "--seeds", "1", "--steps", "2"]
+COMPARE = [
+    Case([*COMPARE_BASE, "--samplers", "emc"], "did you mean: emc2"),
+    Case([*COMPARE_BASE, "--task", "digitz"], "did you mean: digits"),
+    Case([*COMPARE_BASE, "--samplers", ","], "--samplers is empty"),
+    Case([*COMPARE_BASE, "--samplers", "in_batch,simclr"], "more than once"),
+    Case([*COMPARE_BASE, "--samplers", "emc2,emc2:stale=drop"], "same configuration"),
+    Case([*COMPARE_BASE, "--samplers", "emc2:stale=bogus"], "must be one of drop, refresh"),
+    Case([*COMPARE_BASE, "--samplers", "emc2:stale"], "expected key=value"),
+    Case([*COMPARE_BASE, "--seeds", "many"], "--seeds expects integers"),
+    Case([*COMPARE_BASE, "--seeds", "0"], "--seeds must be a positive count"),
+    Case([*COMPARE_BASE, "--seeds", "1,1"], "repeats a value"),
+    Case([*COMPARE_BASE, "--seeds", "0,4294967296"], "--seeds must be in [0, 2^32)"),
+    Case([*COMPARE_BASE, "--batch-sizes", "0,4"], "--batch-sizes must be positive"),
+    Case([*COMPARE_BASE, "--batch-sizes", "four"], "--batch-sizes expects integers"),
+    Case([*COMPARE_BASE, "--batch-sizes", "4,1000"], "larger than the data set"),
+    Case([*COMPARE_BASE, "--sort", "gap"], "is not a metric"),
+    Case([*COMPARE_BASE, "--reference", "uniform"], "--reference 'uniform' is not in --samplers"),
+    Case([*COMPARE_BASE, "--set", "burn_inn=0.3"], "unknown --set key 'burn_inn'"),
+    Case([*COMPARE_BASE, "--set", "burn_in"], "--set expects key=value"),
+    Case([*COMPARE_BASE, "--steps", "0"], "--steps must be a positive integer"),
+    Case([*COMPARE_BASE, "--checkpoint-every", "0"], "--checkpoint-every must be a positive number of steps"),
+    Case([*COMPARE_BASE, "--name", "out"], "in or around the runs folder"),
+    Case([*COMPARE_BASE, "--name", ""], "--name is empty"),
+    Case(["--plugin", "{tmp}/random_aug.py", "--task", "test_random_aug", "--set", "num_items=24", "--samplers",
+          "emc2:chain=view", "--seeds", "1", "--batch-sizes", "4"], "emc2 chain=view needs a finite-view task",
+         make_random_aug_plugin),
+    Case([*COMPARE_BASE, "--out", "{tmp}/file/runs"], "is a file, not a folder", make_file),
+    Case(["{tmp}", "--task", "digits"], "not both"),
+    Case(["{tmp}/nothing*"], "no run folder matches"),
+    Case(["{tmp}/file"], "is not a folder", make_file),
+    Case(["{tmp}/empty"], "none of the given folders holds a readable run", make_empty_folder),
+]
+
+BENCH = [
+    Case(["--batch-sizes", "0"], "positive integers"),
+    Case(["--batch-sizes", "32,x"], "positive integers"),
+    Case(["--num-items", "100", "--batch-sizes", "64"], "needs at least 128 items"),
+    Case(["--samplers", "emcc"], "did you mean: emc2"),
+    Case(["--workloads", "resnet50"], "unknown workload"),
+    Case(["--part", "everything"], "--part must be one of"),
+    Case(["--repeats", "0"], "--repeats must be a positive integer"),
+    Case(["--warmup", "-1"], "--warmup must be >= 0"),
+    Case(["--dim", "0"], "--dim must be a positive integer"),
+    Case(["--step-batch-size", "0"], "--step-batch-size must be a positive integer"),
+    Case(["--part", "step", "--workloads", "digits-mlp", "--step-batch-size", "5000"],
+         "--step-batch-size 5000 is larger than digits-mlp's 1797 items"),
+    Case(["--device", "tpu"], "--device must be one of"),
+    Case(["--threads", "0"], "--threads must be a positive integer"),
+    Case(["--out", "{tmp}/file/bench"], "is a file, not a folder", make_file),
+]
+
+LIST = [
+    Case(["widgets"], "takes samplers, tasks or all"),
+    Case(["--plugin", "{tmp}/missing.py"], "does not exist"),
+]
+
+CASES = [(command, case) for command, cases in (("run", RUN), ("compare", COMPARE), ("bench", BENCH), ("list", LIST))
+         for case in cases]
+
+
+def tree(folder: Path) -> dict[str, int]:
+    """Every path under ``folder`` with its modification time."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(("command", "case"), CASES, ids=[f"{c} {' '.join(case.args)}" for c, case in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, case, tmp_path, capsys):
+    if case.skip:
+        pytest.skip(case.skip)
+    if case.setup:
+        case.setup(tmp_path)
+    before = tree(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in case.args]
+    if command in ("run", "compare", "bench") and case.default_out and "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    code, stdout, err = invoke(capsys, command, *args)
+    assert code == 2, (code, err)
+    assert err.startswith("negbench: error:") and err.count("\n") == 1, err
+    assert case.message in err, err
+    assert "Traceback" not in err and stdout == ""
+    assert tree(tmp_path) == before  # nothing written, not even an empty folder
+
+
+def test_there_are_at_least_30_distinct_bad_inputs():
+    assert len({(c, tuple(case.args)) for c, case in CASES}) >= 30
+    assert {c for c, _ in CASES} == {"run", "compare", "bench", "list"}
+
+
+def test_debug_shows_the_traceback_instead(tmp_path):
+    from negbench.cli import main
+    from negbench.errors import UserError
+
+    with pytest.raises(UserError, match="--batch-size must be a positive integer"):
+        main(["run", "--batch-size", "0", "--out", str(tmp_path / "out"), "--debug"])
+    assert not (tmp_path / "out").exists()
+
+
+# ---- property-based: random option values never end in a traceback -------------------------------------
+
+#: option: (values that are fine on the tiny task, values that may be bad); None = not given.
+#: Every valid draw trains at most 2 steps of the tiny synthetic task.
+RUN_OPTIONS = {
+    "--sampler": (list_samplers(), ["simclr", "emcc", ""]),
+    "--batch-size": (["1", "4", "12"], ["24", "25", "0", "-3", "x"]),
+    "--steps": (["1", "2"], ["0", "-1", "y"]),
+    "--epochs": ([None], ["0.05", "0", "-1", "nan", "inf"]),  # drawn alone, or with --steps when both doubtful
+    "--tv-steps": (["0", "1", "2"], ["-1"]),
+    "--optimizer": ([None, "sgd", "adam"], ["rmsprop"]),
+    "--lr": ([None, "0", "0.1"], ["1e30", "-1", "inf", "nan"]),
+    "--momentum": ([None, "0.5"], ["1", "-0.1"]),
+    "--weight-decay": ([None, "0.01"], ["-1", "nan"]),
+    "--beta": ([None, "0.1", "5"], ["100", "0", "-1", "inf"]),
+    "--seed": ([None, "0", "7"], ["-1", "4294967296"]),
+    "--eval-every": ([None, "1"], ["0", "3"]),
+    "--tv-anchors": ([None, "1"], ["30", "0"]),
+    "--checkpoint-every": ([None, "1"], ["0"]),
+    "--max-items": ([None, "12"], ["1", "2", "1000"]),
+    "--device": ([None, "cpu"], ["tpu"]),
+}
+BAD_SET_VALUES = ["0", "1", "-1", "1e9", "x", "nan", "item", "view", "true", ""]
+
+
+@st.composite
+def run_options(draw) -> list[str]:
+    """Options of ``negbench run`` on the tiny synthetic task: up to two of them (and maybe a
+    ``--set``) drawn from their doubtful values, the others from fine ones — so that about
+    half the draws train and the other half probe the validation."""
+    doubtful = draw(st.sets(st.sampled_from([*RUN_OPTIONS, "--set"]), max_size=2))
+    args = [*TINY_SYNTHETIC, "--quiet"]
+    for flag, (fine, bad) in RUN_OPTIONS.items():
+        value = draw(st.sampled_from(bad if flag in doubtful else fine))
+        if flag == "--steps" and "--epochs" in doubtful and flag not in doubtful:
+            continue
+        if value is not None:
+            args += [flag, value]
+    sampler = args[args.index("--sampler") + 1]
+    params = SAMPLERS.get_class(sampler).params if sampler in list_samplers() else {}
+    for _ in range(draw(st.integers(0, 2))):
+        if "--set" in doubtful or not params:
+            key = draw(st.sampled_from([*params, "bogus", "num_items", "clusters", "sampler.k", "task.dim"]))
+            value = draw(st.sampled_from(BAD_SET_VALUES))
+        else:  # a parameter of the sampler at its default or one of its choices
+            key = draw(st.sampled_from(sorted(params)))
+            value = draw(st.sampled_from([str(params[key].default), *(params[key].choices or ())]))
+        args += ["--set", f"{key}={value}"]
+    if draw(st.booleans()):
+        args.append("--grad-error")
+    return args
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=run_options())
+def test_random_run_options_never_end_in_a_traceback(options, tmp_path_factory, capsys):
+    out = tmp_path_factory.mktemp("run") / "out"
+    code, _, err = invoke(capsys, "run", *options, "--out", str(out))  # an exception here fails the test
+    event(f"exit code {code}")  # --hypothesis-show-statistics: how many draws were valid
+    assert code in (0, 2, 130), (code, err)
+    assert "Traceback" not in err
+    if code == 2:  # bad input: one line, and nothing written
+        assert err.startswith("negbench: error:") and err.count("\n") == 1, err
+        assert not out.exists()
+
+
+COMPARE_OPTIONS = {
+    "--samplers": (["in_batch", "in_batch,emc2", "emc2:stale=refresh", "all", "simclr,uniform"],
+                   [",", "emc2:stale", "bogus", "emc2:burn_in=2", "in_batch,simclr", "emc2,emc2:stale=drop"]),
+    "--batch-sizes": (["4", "4,8"], ["0", "x", "4,4", "100", ""]),
+    "--seeds": (["1", "2", "0,3", "5,"], ["0", "-1", "a", "1,1", "0,4294967296"]),
+    "--sort": ([None, "gcl", "lp_acc"], ["gap", ""]),
+    "--reference": ([None], ["in_batch", "uniform", "emc2:stale=refresh", "x"]),
+    "--name": ([None, "cmp"], ["", "out", "."]),
+    "--set": ([None, "burn_in=0.3", "num_items=30"], ["bogus=1", "x", "burn_in=-1", "num_items=2"]),
+}
+
+
+@st.composite
+def compare_options(draw) -> list[str]:
+    """``negbench compare --collect`` options (grid parsing and validation; trains nothing),
+    up to two of them doubtful."""
+    doubtful = draw(st.sets(st.sampled_from(list(COMPARE_OPTIONS)), max_size=2))
+    args = [*TINY_SYNTHETIC, "--collect", "--steps", "2"]
+    for flag, (fine, bad) in COMPARE_OPTIONS.items():
+        value = draw(st.sampled_from(bad if flag in doubtful else fine))
+        if value is not None:
+            args += [flag, value]
+    return args
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=compare_options())
+def test_random_compare_options_never_end_in_a_traceback(options, tmp_path_factory, capsys, monkeypatch):
+    from negbench import plots
+
+    monkeypatch.setattr(plots, "make_plots", lambda *args, **kwargs: {})
+    root = tmp_path_factory.mktemp("compare")
+    code, _, err = invoke(capsys, "compare", *options, "--out", str(root / "out"))
+    event(f"exit code {code}")
+    assert code in (0, 2), (code, err)
+    assert "Traceback" not in err
+    if code == 2:
+        assert err.startswith("negbench: error:") and err.count("\n") == 1, err
+        assert list(root.iterdir()) == []
