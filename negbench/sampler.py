@@ -149,6 +149,24 @@ class Sampler(Configurable):
                 "use a finite-view task (synthetic, digits, stl10_subset)"
             )
 
+    def check_view_mode(self, param: str, num_views: int | None) -> None:
+        """For a parameter taking ``auto|view|item`` (per-view or per-item state): ``view``
+        needs a finite-view task."""
+        if getattr(self, param) == "view" and num_views is None:
+            raise UserError(
+                f"{self.name} {param}=view needs a finite-view task; use --set {param}=item or {param}=auto"
+            )
+
+    def resolve_view_mode(self, param: str) -> tuple[str, int]:
+        """``(mode, rows per item)`` of an ``auto|view|item`` parameter: ``auto`` is ``view``
+        (one row per fixed view, m rows per item) on finite-view tasks and ``item`` (one row)
+        with random augmentations."""
+        assert self.context is not None, "bind() the sampler first"
+        mode = getattr(self, param)
+        if mode == "auto":
+            mode = "view" if self.context.finite_views else "item"
+        return mode, (self.context.num_views or 1) if mode == "view" else 1
+
     def reset_state(self) -> None:
         """Allocate fresh per-item state; samplers without state need not override it."""
 

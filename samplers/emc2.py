@@ -219,17 +219,12 @@ class EMC2Sampler(Sampler):
 
     def check_task(self, num_items: int, num_views: int | None) -> None:
         super().check_task(num_items, num_views)
-        if self.chain == "view" and num_views is None:
-            raise UserError("emc2 chain=view needs a finite-view task; use --set chain=item or chain=auto")
+        self.check_view_mode("chain", num_views)
 
     def reset_state(self) -> None:
         ctx = self.context
         assert ctx is not None
-        mode = self.chain
-        if mode == "auto":
-            mode = "view" if ctx.finite_views else "item"
-        self.mode = mode
-        self.views_per_chain = ctx.num_views if mode == "view" else 1
+        self.mode, self.views_per_chain = self.resolve_view_mode("chain")
         num_chains = ctx.num_items * self.views_per_chain
         self.chain_state = torch.full((num_chains,), -1, dtype=torch.int32, device=ctx.device)
         self.chain_score = torch.full((num_chains,), float("-inf"), dtype=torch.float32, device=ctx.device)

@@ -54,7 +54,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from negbench.errors import UserError
 from negbench.params import Param
 from negbench.registry import register_sampler
 from negbench.sampler import Batch, EncodeFn, Extras, Sampler
@@ -74,17 +73,12 @@ class NegativeCacheSampler(Sampler):
 
     def check_task(self, num_items: int, num_views: int | None) -> None:
         super().check_task(num_items, num_views)
-        if self.cache == "view" and num_views is None:
-            raise UserError("neg_cache cache=view needs a finite-view task; use --set cache=item or cache=auto")
+        self.check_view_mode("cache", num_views)
 
     def reset_state(self) -> None:
         ctx = self.context
         assert ctx is not None
-        mode = self.cache
-        if mode == "auto":
-            mode = "view" if ctx.finite_views else "item"
-        self.mode = mode
-        self.views_per_item = ctx.num_views if mode == "view" else 1
+        self.mode, self.views_per_item = self.resolve_view_mode("cache")
         rows = ctx.num_items * self.views_per_item
         self.cache_emb = torch.zeros(rows, ctx.dim, dtype=torch.float32, device=ctx.device)
         self.cache_step = torch.full((rows,), -1, dtype=torch.int32, device=ctx.device)
