@@ -31,6 +31,22 @@ app = typer.Typer(
 )
 
 PLUGIN_HELP = "Python file registering extra samplers/tasks (repeatable)."
+
+# Options shared by `run` and `compare` (and `list`/`bench` for --plugin): one definition each,
+# defaults from RunConfig, so the commands cannot drift apart.
+_D = RunConfig()
+OPTIMIZER = typer.Option(_D.optimizer, help="sgd or adam.")
+MOMENTUM = typer.Option(_D.momentum, help="SGD momentum.")
+WEIGHT_DECAY = typer.Option(_D.weight_decay, help="Weight decay.")
+BETA = typer.Option(_D.beta, help="Inverse temperature β = 1/τ.")
+DEVICE = typer.Option(_D.device, help="auto, cpu or cuda.")
+EVAL_EVERY = typer.Option(None, help="Steps between metric rows [default: steps/10].")
+OUT = typer.Option(_D.out, help="Folder of run folders.")
+DATA_ROOT = typer.Option(None, help="Data folder of image tasks.")
+GRAD_ERROR = typer.Option(False, "--grad-error", help="Record grad_error_sq (one exact gradient per step).")
+TV_STEPS = typer.Option(_D.tv_steps, help="Probe batches behind sampling_tv at each evaluation (0: off).")
+TV_ANCHORS = typer.Option(_D.tv_anchors, help="Probe anchor items of sampling_tv.")
+PLUGIN = typer.Option(None, help=PLUGIN_HELP)
 _DEBUG = False  # --debug was given (forwarded to the processes `run --nproc` starts)
 
 
@@ -57,21 +73,21 @@ def run(
     batch_size: int = typer.Option(32, help="Items per step B (2B anchors)."),
     steps: Optional[int] = typer.Option(None, help="Training steps [default: 1000]."),
     epochs: Optional[float] = typer.Option(None, help="Training length in epochs (instead of --steps)."),
-    optimizer: str = typer.Option("adam", help="sgd or adam."),
+    optimizer: str = OPTIMIZER,
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.1 for sgd, 1e-3 for adam]; 0 freezes θ."),
-    momentum: float = typer.Option(0.0, help="SGD momentum."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay."),
-    beta: float = typer.Option(5.0, help="Inverse temperature β = 1/τ."),
+    momentum: float = MOMENTUM,
+    weight_decay: float = WEIGHT_DECAY,
+    beta: float = BETA,
     seed: Optional[int] = typer.Option(None, help="Base seed [default: a random one, printed]."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    eval_every: Optional[int] = typer.Option(None, help="Steps between metric rows [default: steps/10]."),
-    out: Path = typer.Option(Path("results/runs"), help="Folder of run folders."),
-    data_root: Optional[Path] = typer.Option(None, help="Data folder of image tasks."),
+    device: str = DEVICE,
+    eval_every: Optional[int] = EVAL_EVERY,
+    out: Path = OUT,
+    data_root: Optional[Path] = DATA_ROOT,
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Sampler/task parameter key=value (repeatable)."),
-    grad_error: bool = typer.Option(False, "--grad-error", help="Record grad_error_sq (one exact gradient per step)."),
-    tv_steps: int = typer.Option(100, help="Probe batches behind sampling_tv at each evaluation (0: off)."),
-    tv_anchors: int = typer.Option(8, help="Probe anchor items of sampling_tv."),
-    plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
+    grad_error: bool = GRAD_ERROR,
+    tv_steps: int = TV_STEPS,
+    tv_anchors: int = TV_ANCHORS,
+    plugin: Optional[list[Path]] = PLUGIN,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     nproc: int = typer.Option(1, "--nproc", help="Train with this many processes on this machine, started with "
                               "torchrun (gloo on CPU, nccl on CUDA: one GPU each); --batch-size is the global "
@@ -183,20 +199,20 @@ def compare(
     seeds: Optional[str] = typer.Option(None, help="A count n (seeds 0..n-1) or a comma-separated list of seeds (5, = seed 5 alone) [default: 3]."),
     steps: Optional[int] = typer.Option(None, help="Training steps of every run [default: 1000]."),
     epochs: Optional[float] = typer.Option(None, help="Training length in epochs (instead of --steps)."),
-    optimizer: str = typer.Option("adam", help="sgd or adam."),
+    optimizer: str = OPTIMIZER,
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: 0.1 for sgd, 1e-3 for adam]."),
-    momentum: float = typer.Option(0.0, help="SGD momentum."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay."),
-    beta: float = typer.Option(5.0, help="Inverse temperature β = 1/τ."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    eval_every: Optional[int] = typer.Option(None, help="Steps between metric rows [default: steps/10]."),
-    out: Path = typer.Option(Path("results/runs"), help="Folder of run folders."),
-    data_root: Optional[Path] = typer.Option(None, help="Data folder of image tasks."),
+    momentum: float = MOMENTUM,
+    weight_decay: float = WEIGHT_DECAY,
+    beta: float = BETA,
+    device: str = DEVICE,
+    eval_every: Optional[int] = EVAL_EVERY,
+    out: Path = OUT,
+    data_root: Optional[Path] = DATA_ROOT,
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Task parameter, or parameter of every sampler of the grid that has it, key=value (repeatable)."),
-    grad_error: bool = typer.Option(False, "--grad-error", help="Record grad_error_sq (one exact gradient per step)."),
-    tv_steps: int = typer.Option(100, help="Probe batches behind sampling_tv at each evaluation (0: off)."),
-    tv_anchors: int = typer.Option(8, help="Probe anchor items of sampling_tv."),
-    plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
+    grad_error: bool = GRAD_ERROR,
+    tv_steps: int = TV_STEPS,
+    tv_anchors: int = TV_ANCHORS,
+    plugin: Optional[list[Path]] = PLUGIN,
     name: Optional[str] = typer.Option(None, help="Comparison folder <out>/../NAME, i.e. results/NAME (or an absolute path) [default: the task]."),
     reference: Optional[str] = typer.Option(None, help="Sampler the paired ratios divide by [default: in_batch when compared]."),
     sort: str = typer.Option("grad_norm_sq", help="Metric the table is sorted by, best first."),
@@ -304,7 +320,7 @@ def _component_table(registry, title: str) -> Table:  # type: ignore[no-untyped-
 @app.command("list")
 def list_(
     what: str = typer.Argument("all", help="samplers, tasks or all."),
-    plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
+    plugin: Optional[list[Path]] = PLUGIN,
 ) -> None:
     """List the registered samplers and tasks with their parameters."""
     if what not in ("samplers", "tasks", "all"):
@@ -319,7 +335,7 @@ def list_(
 
 @app.command()
 def bench(
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DEVICE,
     samplers: Optional[str] = typer.Option(None, help="Comma-separated samplers [default: every registered one]; in_batch is always measured."),
     batch_sizes: str = typer.Option("32,256,1024", help="Items per step B of the sampler-only part (comma-separated)."),
     num_items: str = typer.Option("10000,1000000", help="Data-set sizes N of the sampler-only part (comma-separated)."),
@@ -332,7 +348,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads [default: torch's choice]."),
     smoke: bool = typer.Option(False, "--smoke", help="A tiny configuration that runs in seconds (tests); replaces the sizes, repeats and warm-up."),
     out: Path = typer.Option(Path("results/bench"), help="Folder of bench-<device>.csv and .json."),
-    plugin: Optional[list[Path]] = typer.Option(None, help=PLUGIN_HELP),
+    plugin: Optional[list[Path]] = PLUGIN,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Time every sampler: sampler-only cost per step, and training-step time against in_batch."""
