@@ -408,7 +408,7 @@ def step_time(cfg: BenchConfig, device: torch.device, names: list[str], advance:
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, core counts, GPU name, and the versions of everything that matters."""
     from negbench.kernels import emc2 as emc2_kernels
-    from negbench.runner import _versions
+    from negbench.runner import provenance
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -422,7 +422,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "platform": platform.platform(),
-        "versions": _versions(device),
+        "versions": provenance(device),
         "emc2_cpu_kernel": emc2_kernels.cpu_build_info(),
     }
     with contextlib.suppress(ImportError):

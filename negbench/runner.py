@@ -107,7 +107,9 @@ class Prepared:
     seed: int
 
 
-def _versions(device: torch.device) -> dict[str, Any]:
+def provenance(device: torch.device) -> dict[str, Any]:
+    """negbench, torch, torchvision, Python and CUDA versions, the device name, and the git
+    commit when run from a checkout (recorded in config.json and by ``negbench bench``)."""
     import torchvision
 
     info: dict[str, Any] = {
@@ -190,7 +192,7 @@ def prepare(config: RunConfig) -> Prepared:
         "num_items": n,
         "items_per_batch_ratio": n / config.batch_size,
         "eval_protocol": PROBE_PROTOCOL if task.labelled else None,
-        "versions": _versions(device),
+        "versions": provenance(device),
         "distributed": distributed.describe(),
         "options": as_dict(config),
     }
