@@ -59,6 +59,10 @@ from negbench.registry import register_sampler
 from negbench.sampler import Batch, EncodeFn, Extras, Sampler
 
 
+#: entries of one chunk of the anchors × cache-rows score matrix (64 MiB in float32)
+MAX_SCORES = 2**24
+
+
 @register_sampler("neg_cache")
 class NegativeCacheSampler(Sampler):
     description = "K negatives per anchor drawn from a softmax over a stale embedding cache (Lindgren et al. 2021)."
@@ -95,7 +99,16 @@ class NegativeCacheSampler(Sampler):
 
     def draw(self, anchor_emb: Tensor, anchor_items: Tensor, k: int) -> Tensor:
         """``k`` i.i.d. draws per anchor from the cache softmax over the other items' rows:
-        cache row ids, shape (A, k)."""
+        cache row ids, shape (A, k). Anchors are taken in chunks so that the scores and the
+        Gumbel noise never exceed :data:`MAX_SCORES` entries (A × rows is 8 GB at A = 2,048,
+        N = 10⁶); when all anchors fit in one chunk the random stream is the unchunked one."""
+        per_chunk = max(1, MAX_SCORES // max(1, self.cache_emb.shape[0]))
+        return torch.cat([
+            self._draw_chunk(anchor_emb[s : s + per_chunk], anchor_items[s : s + per_chunk], k)
+            for s in range(0, anchor_emb.shape[0], per_chunk)
+        ])
+
+    def _draw_chunk(self, anchor_emb: Tensor, anchor_items: Tensor, k: int) -> Tensor:
         logits = self.beta * anchor_emb.float() @ self.cache_emb.T
         logits = logits.masked_fill(anchor_items[:, None] == self.row_item[None, :], float("-inf"))
         draws = []

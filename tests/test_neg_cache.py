@@ -24,8 +24,11 @@ def bound(n: int, beta: float, num_views: int | None = 2, dim: int = 4, seed: in
     return sampler.bind(SamplerContext(n, num_views, beta, dim, generator=torch.Generator().manual_seed(seed)))
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("mode", ["view", "item"])
-def test_draws_follow_the_cache_softmax_and_never_the_own_item(mode):
+def test_draws_follow_the_cache_softmax_and_never_the_own_item(mode, chunked, monkeypatch):
+    if chunked:  # one anchor per chunk: the memory-bounded path of large caches
+        monkeypatch.setattr("negbench.samplers.neg_cache.MAX_SCORES", 1)
     n, m, beta, draws = 12, 2, 2.0, 6000
     sampler = bound(n, beta, num_views=m if mode == "view" else None, k=draws, cache=mode)
     rows = n * m if mode == "view" else n
