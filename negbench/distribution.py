@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from negbench.sampler import Batch, Sampler, SamplerContext
+from negbench.task import resolve_free_views
 
 __all__ = [
     "negative_distribution",
@@ -111,10 +112,7 @@ def frozen_step(
         batch.valid &= ~(probe_rows[:, None] & probe_rows[None, :])
     extras = sampler.propose(batch)
     if extras is not None and extras.items.numel():
-        free = extras.views < 0
-        if bool(free.any()):
-            extras.views = extras.views.clone()
-            extras.views[free] = torch.randint(m, (int(free.sum()),), generator=data_generator).to(views.device)
+        extras.views = resolve_free_views(extras.views, m, data_generator)
         extra_valid = None
         if probe_rows is not None:
             extra_valid = ~(probe_rows[:, None] & probe_items[extras.items][None, :])

@@ -74,7 +74,7 @@ from negbench.results import (
     run_id,
 )
 from negbench.sampler import Batch, Sampler, SamplerContext
-from negbench.task import Task
+from negbench.task import Task, resolve_free_views
 
 #: steps at the start of a run (or a resume) left out of the timing medians
 WARMUP_STEPS = 5
@@ -329,12 +329,7 @@ class Trainer:
     def resolve_views(self, views: Tensor) -> Tensor:
         """On finite-view tasks a view of -1 becomes a uniformly random fixed view."""
         m = self.task.num_views
-        if m is None or not bool((views < 0).any()):
-            return views
-        views = views.clone()
-        free = views < 0
-        views[free] = torch.randint(m, (int(free.sum()),), generator=self.data_generator).to(views.device)
-        return views
+        return views if m is None else resolve_free_views(views, m, self.data_generator)
 
     def shard_inputs(self, items: Tensor, views: Tensor) -> Tensor:
         """The encoder inputs of this rank's shard of the views (all of them in one process).

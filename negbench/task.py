@@ -47,6 +47,17 @@ def cap_split(x: Any, y: Tensor, max_items: int) -> tuple[Any, Tensor]:
     return x[keep], y[keep]
 
 
+def resolve_free_views(views: Tensor, num_views: int, generator: torch.Generator) -> Tensor:
+    """View id -1 ("any view") becomes a uniformly random fixed view in [0, num_views); other
+    ids are kept. Returns ``views`` itself when none is free (the generator is then untouched)."""
+    free = views < 0
+    if not bool(free.any()):
+        return views
+    views = views.clone()
+    views[free] = torch.randint(num_views, (int(free.sum()),), generator=generator).to(views.device)
+    return views
+
+
 class Task(Configurable):
     """Base class of every task. After :meth:`load`, ``num_items`` and ``num_views`` (m, or
     None with random augmentations) are set and :meth:`inputs` returns encoder inputs."""
@@ -113,12 +124,7 @@ class FiniteViewTask(Task):
         self.num_items, self.num_views = view_inputs.shape[:2]
 
     def inputs(self, items: Tensor, views: Tensor, generator: torch.Generator) -> Tensor:
-        views = views.clone()
-        free = views < 0
-        if bool(free.any()):
-            views[free] = torch.randint(
-                self.num_views, (int(free.sum()),), generator=generator, device=views.device
-            )
+        views = resolve_free_views(views, self.num_views, generator)
         return self.view_inputs[items.cpu(), views.cpu()]
 
     def all_views(self) -> Tensor:
