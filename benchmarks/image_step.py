@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from negbench.config import RunConfig
 from negbench.images import simclr_augmentation
@@ -63,7 +62,7 @@ def main() -> None:
                     sampler=name, task="stl10", data_root=root / "data", batch_size=args.batch_size, steps=10**6,
                     seed=0, out=root / "runs", device=args.device, task_params={"workers": 0, "norm": args.norm},
                 )
-                trainer = Trainer(prepare(config), Console(stderr=True), show_progress=False)
+                trainer = Trainer.from_prepared(prepare(config))
                 trainer.start_step = -10  # record the sampler time of every step
                 if mode == "model":  # a fixed augmented batch instead of fresh views
                     if fixed is None:

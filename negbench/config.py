@@ -43,7 +43,8 @@ class RunConfig:
     sampler_params: dict[str, Any] = field(default_factory=dict)
     task_params: dict[str, Any] = field(default_factory=dict)
     grad_error: bool = False
-    tv_steps: int = 100
+    #: TV probe batches per evaluation; None: min(100, max(1, steps // 10)) (negbench.resolution)
+    tv_steps: int | None = None
     tv_anchors: int = 8
     max_items: int | None = None  # train on the first N items only (Task.subsample)
     download: bool = False  # let a task fetch missing data where a network exists
@@ -135,7 +136,7 @@ def validate_numbers(config: RunConfig) -> None:
         raise UserError(f"--seed must be in [0, 2^32), got {config.seed}")
     if config.eval_every is not None and config.eval_every < 1:
         raise UserError(f"--eval-every must be a positive integer, got {config.eval_every}")
-    if config.tv_steps < 0:
+    if config.tv_steps is not None and config.tv_steps < 0:
         raise UserError(f"--tv-steps must be >= 0 (0 turns sampling_tv off), got {config.tv_steps}")
     if config.tv_anchors < 1:
         raise UserError(f"--tv-anchors must be a positive integer, got {config.tv_anchors}")

@@ -108,10 +108,31 @@ class Batch:
 
 
 class Sampler(Configurable):
-    """Base class of every negative sampler. Subclasses set ``name`` (via
+    """Base class of every negative sampler: per step it returns a non-negative weight matrix
+    W over the candidates, and every sampler trains with the same surrogate
+
+        ℓ = β/A · Σ_a [ Σ_c W_ac <e_a, e_c>  -  <e_a, e_a⁺> ]
+
+    whose gradient is its estimate of ∇F (DESIGN §1.3). Subclasses set ``name`` (via
     ``@register_sampler``), ``description``, ``params``, ``test_params`` and the capability
     flags, name their per-item state tensors in ``state_attributes``, and implement
-    :meth:`weigh` (and :meth:`propose` / :meth:`refresh` when they need extras or caches)."""
+    :meth:`weigh` (and :meth:`propose` / :meth:`refresh` when they need extras or caches).
+    The call order per step is in this module's docstring.
+
+    Args:
+        **params: the values of the parameters declared in ``params`` (defaults otherwise).
+
+    Example:
+        >>> from negbench import Sampler, register_sampler
+        >>> @register_sampler("my_uniform")
+        ... class MyUniform(Sampler):
+        ...     description = "equal weight on every valid in-batch negative"
+        ...     def weigh(self, sims, batch):
+        ...         valid = batch.in_batch_valid.to(sims.dtype)
+        ...         weights = sims.new_zeros(sims.shape)
+        ...         weights[:, : batch.num_anchors] = valid / valid.sum(1, keepdim=True).clamp_min(1)
+        ...         return weights
+    """
 
     kind_label: ClassVar[str] = "sampler"
     #: needs a finite view set (exact over every view); refused on random-augmentation tasks
@@ -143,11 +164,9 @@ class Sampler(Configurable):
         before anything is written; :meth:`bind` calls it too. The default refuses a
         random-augmentation task when ``requires_finite_views``; override it (calling
         ``super()``) for parameter-dependent limits."""
-        if self.requires_finite_views and num_views is None:
-            raise UserError(
-                f"sampler {self.name!r} needs a finite view set but the task draws random augmentations; "
-                "use a finite-view task (synthetic, digits, stl10_subset)"
-            )
+        from negbench.resolution import check_finite_views  # the one finite-view rule
+
+        check_finite_views(self, num_views is not None)
 
     def check_view_mode(self, param: str, num_views: int | None) -> None:
         """For a parameter taking ``auto|view|item`` (per-view or per-item state): ``view``

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import torch
-from rich.console import Console
 
-from negbench import list_samplers, runner
+from negbench import list_samplers, training
+from negbench.resolution import prepare
 from negbench.config import RunConfig
 from negbench.encoders import Encoder, mlp_encoder
 from negbench.registry import SAMPLERS, TASKS
@@ -59,7 +59,7 @@ class Variant(NamedTuple):
     sampler: str
     params: dict[str, Any]
     task: str = "synthetic"
-    extra_chunk: int | None = None  # a small runner.EXTRA_CHUNK forces the two-pass extras path
+    extra_chunk: int | None = None  # a small training.EXTRA_CHUNK forces the two-pass extras path
 
 
 #: variants beyond every registered sampler's test_params on the synthetic task
@@ -85,18 +85,18 @@ def run_variant(name: str, out: Path) -> dict[str, Any]:
         sampler_params={**SAMPLERS.get_class(variant.sampler).test_params, **variant.params},
         task_params=dict(SYNTHETIC) if variant.task == "synthetic" else {},
     )
-    default_chunk = runner.EXTRA_CHUNK
+    default_chunk = training.EXTRA_CHUNK
     if variant.extra_chunk is not None:
-        runner.EXTRA_CHUNK = variant.extra_chunk
+        training.EXTRA_CHUNK = variant.extra_chunk
     with augmented_task_registered():
         try:
             return _train(config)
         finally:
-            runner.EXTRA_CHUNK = default_chunk
+            training.EXTRA_CHUNK = default_chunk
 
 
 def _train(config: RunConfig) -> dict[str, Any]:
-    trainer = runner.Trainer(runner.prepare(config), Console(quiet=True), show_progress=False)
+    trainer = training.Trainer.from_prepared(prepare(config))
     record: dict[str, Any] = {"grads": [], "losses": [], "extras": []}
     propose = trainer.sampler.propose
 

@@ -265,7 +265,7 @@ def test_a_failing_cell_is_reported_and_rerun(tmp_path, capsys, count_runs, monk
     real_step = runner.Trainer.train_step
 
     def broken(self):
-        if self.prep.seed == 1:
+        if self.run.seed == 1:
             raise RuntimeError("boom")
         return real_step(self)
 

@@ -24,15 +24,16 @@ import pandas as pd
 import pytest
 import torch
 
+import faults
 from clikit import TINY_SYNTHETIC, invoke
-from negbench import __version__, runner
+from negbench import __version__, runner, session
+from negbench.session import after_each_step
 from negbench.config import RunConfig, derive_seed
 from negbench.results import CHECKPOINT, CONFIG, METRICS, SUMMARY, read_rows
 
 #: metrics that measure the machine, not the run: left out of every identity check
 MACHINE_KEYS = {"step_ms", "sampler_ms", "samples_per_s", "peak_mem_bytes"}
 STEPS, EVAL_EVERY, CHECKPOINT_EVERY = 12, 4, 3
-KILL_ENV = "NEGBENCH_TEST_KILL_AT_STEP"
 
 
 def run_args(sampler: str, out: Path, *extra: str) -> list[str]:
@@ -60,12 +61,14 @@ def result_summary(run_dir: Path) -> dict:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
-    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
-def negbench_process(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "negbench", *args], cwd=cwd, env=subprocess_env(**env),
+def negbench_process(args: list[str], cwd: Path, kill_at: str | None = None) -> subprocess.Popen:
+    """``negbench ARGS`` in a new process; with ``kill_at="k[:SIG]"`` through the fault
+    launcher (tests/faults.py), which makes it signal itself once step k is done."""
+    command = ["-m", "negbench"] if kill_at is None else [faults.LAUNCHER, kill_at]
+    return subprocess.Popen([sys.executable, *command, *args], cwd=cwd, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -102,7 +105,7 @@ def test_sigkill_at_three_steps_then_resume_ends_identical(tmp_path, reference, 
     expected_dirs = {}
     for stage in range(3):
         procs = {sampler: negbench_process(run_args(sampler, outs[sampler], "--checkpoint-every", str(CHECKPOINT_EVERY)),
-                                           tmp_path, **{KILL_ENV: str(kills[stage])})
+                                           tmp_path, kill_at=str(kills[stage]))
                  for sampler, kills in KILLS.items()}
         if stage == 0:  # the references, while the first processes run
             expected_dirs = {sampler: reference(sampler) for sampler in KILLS}
@@ -135,11 +138,10 @@ def test_sigkill_at_three_steps_then_resume_ends_identical(tmp_path, reference, 
 
 
 @pytest.mark.parametrize(("signame", "sampler"), [("INT", "emc2"), ("TERM", "neg_cache")])
-def test_a_signal_checkpoints_mid_window_and_the_rerun_ends_identical(signame, sampler, tmp_path, reference, capsys,
-                                                                      monkeypatch):
+def test_a_signal_checkpoints_mid_window_and_the_rerun_ends_identical(signame, sampler, tmp_path, reference, capsys):
     expected = reference(sampler)
-    monkeypatch.setenv(KILL_ENV, f"6:{signame}")  # the process signals itself once step 6 is done
-    code, _, err = invoke(capsys, *run_args(sampler, tmp_path))
+    with after_each_step(faults.kill_at(*faults.parse(f"6:{signame}"))):  # signals itself once step 6 is done
+        code, _, err = invoke(capsys, *run_args(sampler, tmp_path))
     assert code == 130, err
     run_dir = only_run_dir(tmp_path)
     summary = json.loads((run_dir / SUMMARY).read_text())
@@ -148,7 +150,6 @@ def test_a_signal_checkpoints_mid_window_and_the_rerun_ends_identical(signame, s
     checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=False)
     assert checkpoint["step"] == 6 and checkpoint["window"]["loss_count"] == 2  # steps 5 and 6
     assert [r["step"] for r in result_rows(run_dir)] == [0, 4]
-    monkeypatch.delenv(KILL_ENV)
     code, _, err = invoke(capsys, *run_args(sampler, tmp_path))
     assert code == 0 and "from step 6" in err, err
     assert result_rows(run_dir) == result_rows(expected)
@@ -243,14 +244,14 @@ def test_a_run_finished_by_another_process_while_waiting_for_the_lock_is_skipped
     run_dir = tmp_path / expected.name
     shutil.copytree(expected, run_dir)
     stamps = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
-    real = runner._finished_summary
+    real = session.finished_summary
     calls = []
 
     def not_yet_on_first_look(path):
         calls.append(path)
         return None if len(calls) == 1 else real(path)
 
-    monkeypatch.setattr(runner, "_finished_summary", not_yet_on_first_look)
+    monkeypatch.setattr(session, "finished_summary", not_yet_on_first_look)
     code, _, err = invoke(capsys, *run_args("sogclr", tmp_path))
     assert code == 0 and "already completed, skipped" in err and len(calls) == 2
     assert stamps == {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
@@ -266,7 +267,7 @@ def test_compare_leaves_a_cell_another_process_holds_and_runs_it_later(tmp_path,
     busy = runner.prepare(RunConfig(sampler="uniform", task="synthetic", batch_size=4, steps=2, seed=1, tv_steps=0,
                                     out=out, task_params={"num_items": "24", "input_dim": "8", "hidden": "16",
                                                           "dim": "8"}))
-    with runner._folder_lock(busy.run_dir):  # as an overlapping grid or a `negbench run` would
+    with session.folder_lock(busy.run_dir):  # as an overlapping grid or a `negbench run` would
         code, _, err = invoke(capsys, *args)
     assert code == 0, err
     assert "seed 1: running in another negbench process, left to it" in " ".join(err.split())
