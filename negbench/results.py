@@ -9,7 +9,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -50,20 +50,26 @@ def to_json(data: Any) -> str:
     return json.dumps(scrub(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a
-    part: a temporary file in the same folder, fsync, then ``os.replace``."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write(handle)`` so that a reader of ``path`` sees the old file or the new one,
+    never a part: a temporary file in the same folder, fsync, then ``os.replace`` (the
+    temporary file is removed if anything fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -71,19 +77,9 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    """``torch.save`` with the guarantees of :func:`atomic_write_bytes` (temporary file in the
-    same folder, fsync, ``os.replace``): a kill leaves the previous checkpoint or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` with the guarantees of :func:`atomic_write`: a kill leaves the previous
+    checkpoint or the new one."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def config_hash(config: dict[str, Any]) -> str:
