@@ -42,63 +42,28 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from torch import Tensor, nn
+from torch import Tensor
 
-from negbench.config import DEFAULT_LR, RunConfig, check_writable, derive_seed, resolve_device
+from negbench.config import RunConfig, check_writable, derive_seed, resolve_device
 from negbench.distribution import draw_views
-from negbench.encoders import Encoder
 from negbench.errors import UserError, suggest
 from negbench.registry import SAMPLERS, TASKS
 from negbench.results import atomic_write_bytes, atomic_write_json
 from negbench.sampler import Batch, Sampler, SamplerContext
 from negbench.task import Task
+from negbench.training import Trainer
 
 BASELINE = "in_batch"
 #: the largest candidate matrix (A × C entries) the sampler part builds: 2^26 (256 MiB in float32)
 MAX_SIMS = 2**26
 #: distinct frozen embeddings; view v of item i is row (i·2 + v) mod this
 EMBEDDING_TABLE = 2**16
-IMAGE_POOL = 256
 COLUMNS = ["part", "workload", "input", "sampler", "device", "num_items", "batch_size", "dim", "views", "repeats",
            "median_ms", "in_batch_ms", "ratio", "cpu_ms", "cpu_ratio", "state_bytes", "state_bytes_per_item", "backend", "note"]
 PARTS = ("all", "sampler", "step")
 
 
 # ---- workloads of the end-to-end part -------------------------------------------------------------
-def resnet18_encoder(dim: int = 128) -> Encoder:
-    """torchvision's ResNet-18 (random initialisation, standard ImageNet stem) without its
-    classifier — 512 features — and a linear head to ``dim``. (Swap in the image tasks'
-    encoder factory here once there is one.)"""
-    from torchvision.models import resnet18
-
-    backbone = resnet18(weights=None)
-    backbone.fc = nn.Identity()
-    return Encoder(backbone, 512, dim)
-
-
-class RandomImageTask(Task):
-    """Random 3×``size``×``size`` images (a fixed pool of ``IMAGE_POOL``, each view a random
-    pick) standing in for an image data set with random augmentations, and a ResNet-18."""
-
-    name = "random_images"
-    finite_views = False
-    labelled = False
-
-    def __init__(self, size: int, num_items: int, dim: int = 128) -> None:
-        super().__init__()
-        self.size, self.num_items, self.num_views, self.dim = size, num_items, None, dim
-
-    def load(self, *, seed: int, data_root: Path | None = None) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.pool = torch.rand(IMAGE_POOL, 3, self.size, self.size, generator=gen)
-
-    def inputs(self, items: Tensor, views: Tensor, generator: torch.Generator) -> Tensor:
-        return self.pool[torch.randint(IMAGE_POOL, (items.numel(),), generator=generator)]
-
-    def make_encoder(self) -> Encoder:
-        return resnet18_encoder(self.dim)
-
-
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -114,7 +79,7 @@ def _images(size: int) -> Workload:
     def pixels(smoke: bool) -> int:
         return SMOKE_IMAGE_SIZE if smoke else size
 
-    return Workload(f"resnet18-{size}px", lambda smoke: RandomImageTask(pixels(smoke), 10_000),
+    return Workload(f"resnet18-{size}px", lambda smoke: TASKS.create("random_images", size=pixels(smoke), num_items=10_000),
                     lambda smoke: f"3x{pixels(smoke)}x{pixels(smoke)} random")
 
 
@@ -351,15 +316,11 @@ def sampler_cost(cfg: BenchConfig, device: torch.device, names: list[str], advan
 
 
 # ---- part 2: end-to-end step time --------------------------------------------------------------------
-def _trainer(task: Task, name: str, cfg: BenchConfig, device: torch.device, console: Console) -> Any:
-    from negbench.runner import Prepared, Trainer
-
-    config = RunConfig(sampler=name, task=task.name, batch_size=cfg.step_batch_size, seed=cfg.seed,
-                       device=device.type, beta=cfg.beta, tv_steps=0)
-    seeds = {p: derive_seed(cfg.seed, p) for p in ("data", "init", "order", "sampler", "probe")}
-    prep = Prepared(config, {"seeds": seeds}, cfg.out, task, SAMPLERS.create(name), device,
-                    cfg.warmup + cfg.repeats, cfg.warmup + cfg.repeats, DEFAULT_LR["adam"], cfg.seed)
-    return Trainer(prep, console, show_progress=False)
+def _trainer(task: Task, name: str, cfg: BenchConfig, device: torch.device) -> Trainer:
+    """A run's trainer of sampler ``name`` on the loaded ``task`` (Adam at its default lr)."""
+    config = RunConfig(sampler=name, task=task.name, batch_size=cfg.step_batch_size, steps=cfg.warmup + cfg.repeats,
+                       seed=cfg.seed, device=device.type, beta=cfg.beta, tv_steps=0)
+    return Trainer.build(config, task)
 
 
 def step_time(cfg: BenchConfig, device: torch.device, names: list[str], advance: Callable[[], None],
@@ -377,7 +338,7 @@ def step_time(cfg: BenchConfig, device: torch.device, names: list[str], advance:
             if SAMPLERS.get_class(name).requires_finite_views and not task.finite_views:
                 notes[name] = "n/a: needs finite views"
                 continue
-            trainers[name] = _trainer(task, name, cfg, device, console)
+            trainers[name] = _trainer(task, name, cfg, device)
         times: dict[str, list[_Stopwatch]] = {name: [] for name in names}
         for round_ in range(cfg.warmup + cfg.repeats):
             for name in _rotation(list(trainers), round_):
@@ -408,7 +369,7 @@ def step_time(cfg: BenchConfig, device: torch.device, names: list[str], advance:
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, core counts, GPU name, and the versions of everything that matters."""
     from negbench.kernels import emc2 as emc2_kernels
-    from negbench.runner import provenance
+    from negbench.resolution import provenance
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):

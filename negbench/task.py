@@ -65,6 +65,8 @@ class Task(Configurable):
     kind_label: ClassVar[str] = "task"
     finite_views: ClassVar[bool] = True
     labelled: ClassVar[bool] = True
+    #: not a user task (e.g. a benchmark workload): left out of ``negbench list``
+    hidden: ClassVar[bool] = False
 
     num_items: int = 0
     num_views: int | None = None
