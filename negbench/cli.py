@@ -40,11 +40,11 @@ MOMENTUM = typer.Option(_D.momentum, help="SGD momentum.")
 WEIGHT_DECAY = typer.Option(_D.weight_decay, help="Weight decay.")
 BETA = typer.Option(_D.beta, help="Inverse temperature β = 1/τ.")
 DEVICE = typer.Option(_D.device, help="auto, cpu or cuda.")
-EVAL_EVERY = typer.Option(None, help="Steps between metric rows [default: steps/10].")
+EVAL_EVERY = typer.Option(None, help="Steps between metric rows [default: steps/10, at least 10 (a run of <= 10 steps: rows at 0 and at the end)].")
 OUT = typer.Option(_D.out, help="Folder of run folders.")
 DATA_ROOT = typer.Option(None, help="Data folder of image tasks.")
 GRAD_ERROR = typer.Option(False, "--grad-error", help="Record grad_error_sq (one exact gradient per step).")
-TV_STEPS = typer.Option(_D.tv_steps, help="Probe batches behind sampling_tv at each evaluation (0: off).")
+TV_STEPS = typer.Option(None, help="Probe batches behind sampling_tv at each evaluation (0: off) [default: steps/10, at most 100].")
 TV_ANCHORS = typer.Option(_D.tv_anchors, help="Probe anchor items of sampling_tv.")
 PLUGIN = typer.Option(None, help=PLUGIN_HELP)
 _DEBUG = False  # --debug was given (forwarded to the processes `run --nproc` starts)
@@ -85,7 +85,7 @@ def run(
     data_root: Optional[Path] = DATA_ROOT,
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Sampler/task parameter key=value (repeatable)."),
     grad_error: bool = GRAD_ERROR,
-    tv_steps: int = TV_STEPS,
+    tv_steps: Optional[int] = TV_STEPS,
     tv_anchors: int = TV_ANCHORS,
     plugin: Optional[list[Path]] = PLUGIN,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -210,7 +210,7 @@ def compare(
     data_root: Optional[Path] = DATA_ROOT,
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Task parameter, or parameter of every sampler of the grid that has it, key=value (repeatable)."),
     grad_error: bool = GRAD_ERROR,
-    tv_steps: int = TV_STEPS,
+    tv_steps: Optional[int] = TV_STEPS,
     tv_anchors: int = TV_ANCHORS,
     plugin: Optional[list[Path]] = PLUGIN,
     name: Optional[str] = typer.Option(None, help="Comparison folder <out>/../NAME, i.e. results/NAME (or an absolute path) [default: the task]."),
@@ -280,7 +280,7 @@ def compare(
         ("--epochs", epochs, None), ("--optimizer", optimizer, "adam"), ("--lr", lr, None), ("--momentum", momentum, 0.0),
         ("--weight-decay", weight_decay, 0.0), ("--beta", beta, 5.0), ("--device", device, "auto"),
         ("--eval-every", eval_every, None), ("--out", out, Path("results/runs")), ("--data-root", data_root, None),
-        ("--grad-error", grad_error, False), ("--tv-steps", tv_steps, 100), ("--tv-anchors", tv_anchors, 8),
+        ("--grad-error", grad_error, False), ("--tv-steps", tv_steps, None), ("--tv-anchors", tv_anchors, 8),
         ("--checkpoint-every", checkpoint_every, None), ("--name", name, task), ("--reference", reference, None), ("--sort", sort, "grad_norm_sq"),
     ], set_ or [])
     if not collect:
@@ -303,6 +303,8 @@ def _component_table(registry, title: str) -> Table:  # type: ignore[no-untyped-
     table.add_column("parameters (default)")
     for name in registry.names():
         cls = registry.get_class(name)
+        if getattr(cls, "hidden", False):
+            continue
         label = name + "".join(f"\n(alias {a})" for a in getattr(cls, "aliases", ()))
         params = "\n".join(f"{k}={spec.default!r}  {spec.help} [{spec.describe()}]" for k, spec in cls.params.items())
         notes = []
