@@ -133,22 +133,55 @@ def negative_distribution(
     steps: int,
     anchors: Sequence[int],
     seed: int,
-    return_counts: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The sampler's accumulated negative distribution at frozen embeddings.
+) -> Tensor:
+    """The sampler's accumulated negative distribution q_a at frozen embeddings, to compare
+    with the exact softmax p_a(j, c) ∝ exp(β <e_a, e_jc>) over the views of every other item.
 
-    ``views`` (N, m, d) are L2-normalised embeddings. Each of ``steps`` probe batches holds
-    the probe items ``anchors`` plus ``batch_size`` other items drawn uniformly without
-    replacement from the rest; a probe anchor's valid candidates are views of those other
-    items only, and extras the sampler asks for are looked up in ``views`` (probe items are
-    never valid candidates). Runs on a copy of the sampler (bound to these sizes if it is
-    not bound yet); the sampler passed in is not modified.
+    Each of ``steps`` probe batches holds the probe items ``anchors`` plus ``batch_size``
+    other items drawn uniformly without replacement from the rest; a probe anchor's valid
+    candidates are views of those other items only, and extras the sampler asks for are
+    looked up in ``views`` (probe items are never valid candidates). q_a is the weight mass
+    the sampler put on each candidate view, summed over the batches and normalised. Runs on a
+    copy of the sampler (bound to these sizes if it is not bound yet); the sampler passed in
+    is not modified.
 
-    Returns (m·P, m·N): row ``m·k + a`` is anchor view (anchors[k], a), column ``m·j + c`` is
-    candidate view (j, c); each row is the accumulated weight mass normalised to sum to 1
-    (probe-item columns 0). With ``return_counts`` also the number of probe batches in
-    which each row was an anchor.
+    Args:
+        sampler: a sampler, bound or not.
+        views: (N, m, d) L2-normalised embeddings.
+        beta: the inverse temperature β.
+        batch_size: the other items of each probe batch.
+        steps: the number of probe batches.
+        anchors: the distinct probe item ids.
+        seed: seeds the batches, the views and the sampler's generator.
+
+    Returns:
+        (m·P, m·N) with P = len(anchors): row ``m·k + a`` is anchor view (anchors[k], a),
+        column ``m·j + c`` candidate view (j, c); each row sums to 1 (probe-item columns are
+        0; a row never anchored is all 0). :func:`negative_distribution_counts` also returns
+        how often each row was an anchor.
+
+    Example:
+        >>> views = torch.nn.functional.normalize(torch.randn(20, 2, 4), dim=2)
+        >>> q = negative_distribution(get_sampler("in_batch"), views, 5.0, batch_size=8, steps=50, anchors=[0, 1], seed=0)
+        >>> q.shape
+        torch.Size([4, 40])
     """
+    return negative_distribution_counts(sampler, views, beta, batch_size=batch_size, steps=steps,
+                                        anchors=anchors, seed=seed)[0]
+
+
+def negative_distribution_counts(
+    sampler: Sampler,
+    views: Tensor,
+    beta: float,
+    *,
+    batch_size: int,
+    steps: int,
+    anchors: Sequence[int],
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`negative_distribution` and, per row, the number of probe batches in which it
+    was an anchor: ``(q, appearances)``, shapes (m·P, m·N) and (m·P,)."""
     n, m, d = views.shape
     anchor_list = [int(i) for i in anchors]
     if len(set(anchor_list)) != len(anchor_list) or not anchor_list:
@@ -190,7 +223,7 @@ def negative_distribution(
     mass[:, is_probe_dev.repeat_interleave(m)] = 0.0
     totals = mass.sum(dim=1, keepdim=True)
     distribution = torch.where(totals > 0, mass / totals.clamp_min(1e-300), mass)
-    return (distribution, appearances) if return_counts else distribution
+    return distribution, appearances
 
 
 def sampling_tv(
@@ -207,9 +240,8 @@ def sampling_tv(
     distribution and the exact one, and the same for i.i.d. exact draws with as many samples
     as the sampler saw candidates (2·batch_size per probe batch in which the row was an
     anchor). Rows never anchored are left out."""
-    q, appearances = negative_distribution(
+    q, appearances = negative_distribution_counts(
         sampler, views, beta, batch_size=batch_size, steps=steps, anchors=anchors, seed=seed,
-        return_counts=True,
     )
     p = exact_negative_distribution(views, beta, anchors).to(q.device)
     seen = appearances > 0

@@ -34,10 +34,24 @@ def _check_views(views: Tensor) -> tuple[int, int, int]:
 
 
 def gcl_loss(views: Tensor, beta: float) -> Tensor:
-    """The exact global contrastive loss F of DESIGN §1.1, differentiable.
+    """The exact global contrastive loss F of DESIGN §1.1, differentiable:
 
-    ``views`` is an (N, m, d) tensor of L2-normalised embeddings. This direct form holds the
-    (N·m)² similarity matrix; for large N use :func:`gcl_value_and_embedding_grad`.
+        F = 1/(N·m) Σ_{i,a} [ -β/(m-1) Σ_{b≠a} <e_ia, e_ib>  +  log Σ_{j≠i, c} exp(β <e_ia, e_jc>) ]
+
+    This direct form holds the (N·m)² similarity matrix; for large N use
+    :func:`gcl_value_and_embedding_grad`.
+
+    Args:
+        views: (N, m, d) L2-normalised embeddings, m ≥ 2 views of each of N ≥ 2 items.
+        beta: the inverse temperature β = 1/τ.
+
+    Returns:
+        The scalar F (a 0-d tensor, differentiable with respect to ``views``).
+
+    Example:
+        >>> views = torch.nn.functional.normalize(torch.randn(10, 2, 4), dim=2)
+        >>> float(gcl_loss(views, beta=5.0)) > 0
+        True
     """
     n, m, d = _check_views(views)
     flat = views.reshape(n * m, d)

@@ -133,7 +133,23 @@ def register_task(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type
 
 
 def get_sampler(name: str, **params: Any) -> Any:
-    """A new sampler by name or alias, e.g. ``get_sampler("emc2", burn_in=0.5)``."""
+    """A new, unbound sampler by name or alias.
+
+    Args:
+        name: a registered sampler name or alias (``negbench list samplers``).
+        **params: the sampler's parameters (validated; unknown names are an error).
+
+    Returns:
+        The sampler; a run binds it to its task with :meth:`Sampler.bind`.
+
+    Raises:
+        UserError: an unknown name (close ones suggested) or a bad parameter.
+
+    Example:
+        >>> sampler = get_sampler("emc2", burn_in=0.5)
+        >>> sampler.name, sampler.burn_in
+        ('emc2', 0.5)
+    """
     return SAMPLERS.create(name, **params)
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from negbench.registry import register_sampler
-from negbench.sampler import Batch, Extras, Sampler
+from negbench import Batch, Extras, register_sampler, Sampler
 
 
 @register_sampler("full_softmax")

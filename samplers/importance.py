@@ -40,9 +40,7 @@ import math
 import torch
 from torch import Tensor
 
-from negbench.params import Param
-from negbench.registry import register_sampler
-from negbench.sampler import Batch, Extras, Sampler
+from negbench import Batch, Extras, Param, register_sampler, Sampler
 
 
 @register_sampler("importance")

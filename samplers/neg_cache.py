@@ -54,9 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from negbench.params import Param
-from negbench.registry import register_sampler
-from negbench.sampler import Batch, EncodeFn, Extras, Sampler
+from negbench import Batch, EncodeFn, Extras, Param, register_sampler, Sampler
 
 
 #: entries of one chunk of the anchors × cache-rows score matrix (64 MiB in float32)

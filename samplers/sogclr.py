@@ -40,9 +40,7 @@ import math
 import torch
 from torch import Tensor
 
-from negbench.params import Param
-from negbench.registry import register_sampler
-from negbench.sampler import Batch, Sampler
+from negbench import Batch, Param, register_sampler, Sampler
 
 
 @register_sampler("sogclr")

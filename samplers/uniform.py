@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from negbench.registry import register_sampler
-from negbench.sampler import Batch, Sampler
+from negbench import Batch, register_sampler, Sampler
 
 
 @register_sampler("uniform")

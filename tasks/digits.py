@@ -17,10 +17,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from negbench.encoders import Encoder, make_encoder
-from negbench.params import Param
-from negbench.registry import register_task
-from negbench.task import EvalData, FiniteViewTask
+from negbench import Encoder, EvalData, FiniteViewTask, make_encoder, Param, register_task
 
 PROBE_TRAIN_SIZE = 1000
 

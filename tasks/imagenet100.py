@@ -26,10 +26,9 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from negbench.errors import UserError
+from negbench import EvalData, register_task, UserError
 from negbench.images import describe_transform, RESNET_TEST_PARAMS, ImageTask, LazyImages, resnet_params, simclr_augmentation
-from negbench.registry import register_task
-from negbench.task import EvalData, fixed_subset
+from negbench.task import fixed_subset
 
 CLASS_LIST = "data/imagenet100_classes.txt"
 

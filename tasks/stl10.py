@@ -27,11 +27,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import STL10
 
-from negbench.errors import UserError
+from negbench import EvalData, Param, register_task, UserError
 from negbench.images import describe_transform, ImageTask, RESNET_TEST_PARAMS, resize_images, resnet_params, simclr_augmentation
-from negbench.params import Param
-from negbench.registry import register_task
-from negbench.task import EvalData
 
 SIDE = 96
 IMAGE_BYTES = 3 * SIDE * SIDE

@@ -18,12 +18,9 @@ from typing import Any
 
 import torch
 
-from negbench.errors import UserError
+from negbench import FiniteViewTask, Param, register_task, UserError
 from negbench.images import augment, describe_transform, AugmentedViews, RESNET_TEST_PARAMS, ResNetTask, simclr_augmentation, view_seeds
-from negbench.params import Param
-from negbench.registry import register_task
 from negbench.results import atomic_torch_save
-from negbench.task import FiniteViewTask
 from negbench.tasks.stl10 import STL10_PARAMS, check_layout, open_stl10, probe_data, to_pil
 
 VIEWS = 2

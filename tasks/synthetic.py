@@ -12,10 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from negbench.encoders import Encoder, make_encoder
-from negbench.params import Param
-from negbench.registry import register_task
-from negbench.task import EvalData, FiniteViewTask
+from negbench import Encoder, EvalData, FiniteViewTask, make_encoder, Param, register_task
 
 
 @register_task("synthetic")

@@ -14,7 +14,7 @@ from scipy import stats
 
 from clikit import TINY_SYNTHETIC, invoke
 from negbench import Batch, UserError, get_sampler
-from negbench.distribution import exact_negative_distribution, frozen_step, iid_tv_floor, negative_distribution, total_variation
+from negbench.distribution import exact_negative_distribution, frozen_step, iid_tv_floor, negative_distribution, negative_distribution_counts, total_variation
 from negbench.sampler import SamplerContext
 from samplerkit import frozen_views
 
@@ -106,8 +106,8 @@ def test_frozen_embeddings_with_a_view_cache_sample_the_exact_softmax():
     k, anchors = 16, [0, 1, 2, 3]
     sampler = bound(100, 5.0, dim=8, k=k)
     sampler.refresh(lambda items, item_views: views[items, item_views])  # the first refresh fills it
-    q, appearances = negative_distribution(sampler, views, 5.0, batch_size=8, steps=60,
-                                           anchors=anchors, seed=0, return_counts=True)
+    q, appearances = negative_distribution_counts(sampler, views, 5.0, batch_size=8, steps=60,
+                                                  anchors=anchors, seed=0)
     p = exact_negative_distribution(views, 5.0, anchors)
     tv = float(total_variation(q, p).mean())
     floors = [iid_tv_floor(p, appearances * k, torch.Generator().manual_seed(s)) for s in range(5)]
