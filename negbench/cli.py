@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -14,7 +14,7 @@ from rich.table import Table
 
 from negbench.config import RunConfig, split_set_options
 from negbench.errors import UserError
-from negbench.registry import SAMPLERS, TASKS, load_plugin
+from negbench.registry import SAMPLERS, TASKS, Registry, load_plugin
 
 try:  # typer >= 0.22 vendors click; older releases depend on it
     from typer._click import exceptions as click_exceptions
@@ -296,7 +296,7 @@ def compare(
     err.print(f"comparison written to {folder}/")
 
 
-def _component_table(registry, title: str) -> Table:  # type: ignore[no-untyped-def]
+def _component_table(registry: Registry[Any], title: str) -> Table:
     table = Table(title=title, show_lines=True)
     table.add_column("name")
     table.add_column("description")

@@ -34,7 +34,7 @@ import os
 import subprocess
 import sys
 import warnings
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -131,7 +131,7 @@ def from_main(compute: Callable[[], T]) -> T:
         return compute()
     box = [compute() if is_main() else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]  # type: ignore[return-value]
+    return cast(T, box[0])
 
 
 def any_rank(flag: bool) -> bool:

@@ -45,8 +45,8 @@ class Registry(Generic[T]):
                 owner = self._classes.get(key) or self._classes.get(self._aliases.get(key, ""))
                 if owner is not None and owner.__qualname__ != cls.__qualname__:
                     raise ValueError(f"{self.kind} name {key!r} is already registered by {owner!r}")
-            cls.name = name  # type: ignore[attr-defined]
-            cls.aliases = tuple(aliases)  # type: ignore[attr-defined]
+            setattr(cls, "name", name)  # T is any registered class: set without a typed attribute
+            setattr(cls, "aliases", tuple(aliases))
             self._classes[name] = cls
             for alias in aliases:
                 self._aliases[alias] = name

@@ -80,3 +80,9 @@ def test_a_metric_group_added_to_the_evaluator_lands_in_the_row():
 
     row = Evaluator(trainer, [*METRIC_GROUPS, steps_squared]).evaluate()
     assert row["steps_squared"] == 1 and row["step"] == 1 and row["gcl"] is not None
+
+
+def test_the_bench_task_is_hidden_from_negbench_list(capsys):
+    code, out, err = invoke(capsys, "list", "tasks")
+    assert code == 0, err
+    assert "synthetic" in out and "random_images" not in out
