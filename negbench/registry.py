@@ -152,6 +152,12 @@ def list_tasks() -> list[str]:
     return TASKS.names()
 
 
+def finite_view_tasks() -> str:
+    """The registered finite-view tasks, comma-separated, for error messages (the framework
+    names no particular task)."""
+    return ", ".join(n for n in TASKS.names() if getattr(TASKS.get_class(n), "finite_views", False)) or "none registered"
+
+
 def load_plugin(path: str | Path) -> None:
     """Import a file that registers samplers and/or tasks; its import error is recorded."""
     SAMPLERS.discover()

@@ -42,7 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import Tensor
 
-from negbench import __version__, distributed
+from negbench import __version__, distributed, metric_registry
 from negbench.config import (
     DEFAULT_LR,
     DEFAULT_STEPS,
@@ -59,7 +59,7 @@ from negbench.encoders import full_precision
 from negbench.errors import UserError
 from negbench.metrics import PROBE_PROTOCOL, alignment, peak_memory_bytes, probe_accuracies, uniformity
 from negbench.objective import exact_gradient
-from negbench.registry import SAMPLERS, TASKS
+from negbench.registry import SAMPLERS, TASKS, finite_view_tasks
 from negbench.results import (
     CHECKPOINT,
     CONFIG,
@@ -141,7 +141,7 @@ def prepare(config: RunConfig) -> Prepared:
     if sampler.requires_finite_views and not task.finite_views:
         raise UserError(
             f"sampler {sampler.name!r} needs a finite view set but task {task.name!r} draws random "
-            "augmentations; use a finite-view task (synthetic, digits, stl10_subset)"
+            f"augmentations; use a finite-view task ({finite_view_tasks()})"
         )
     device = distributed.rank_device(resolve_device(config.device))
     check_writable(config.out)
@@ -648,9 +648,6 @@ def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str |
     }
 
 
-SUMMARY_KEYS = ("loss", "gcl", "grad_norm_sq", "sampling_tv", "sampling_tv_floor", "alignment", "uniformity",
-                "lp_acc", "knn1_acc", "knn10_acc", "accept_rate", "step_ms", "sampler_ms", "samples_per_s",
-                "peak_mem_bytes", "state_bytes")
 
 
 def summary_table(summary: dict[str, Any], title: str) -> Table:
@@ -658,7 +655,7 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     table.add_column("metric")
     table.add_column("final", justify="right")
     final = summary["final"]
-    for key in SUMMARY_KEYS:
+    for key in metric_registry.summary_keys():
         if key in final:
             value = final[key]
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))

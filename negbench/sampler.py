@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from negbench.errors import UserError
+from negbench.metric_registry import Metric
 from negbench.params import Configurable
 
 #: ``encode(items, views) -> embeddings`` without gradients; view -1 lets the task choose.
@@ -125,6 +126,12 @@ class Sampler(Configurable):
     #: plain values): saved in a checkpoint apart from the state, so that a run resumed in the
     #: middle of a metric window reports the same diagnostics; never counted in state_bytes
     diagnostic_attributes: ClassVar[tuple[str, ...]] = ()
+    #: the metrics :meth:`diagnostics` returns, declared for the metric registry (name,
+    #: description, better direction): tables, sorting and ``negbench list --metrics`` read them
+    diagnostic_metrics: ClassVar[tuple[Metric, ...]] = ()
+    #: parameter variants ``negbench compare --samplers all`` adds as rows of their own, each
+    #: ``key=value[:key=value]`` (e.g. ``stale=refresh``)
+    compare_variants: ClassVar[tuple[str, ...]] = ()
 
     context: SamplerContext | None = None
 
@@ -144,9 +151,11 @@ class Sampler(Configurable):
         random-augmentation task when ``requires_finite_views``; override it (calling
         ``super()``) for parameter-dependent limits."""
         if self.requires_finite_views and num_views is None:
+            from negbench.registry import finite_view_tasks
+
             raise UserError(
                 f"sampler {self.name!r} needs a finite view set but the task draws random augmentations; "
-                "use a finite-view task (synthetic, digits, stl10_subset)"
+                f"use a finite-view task ({finite_view_tasks()})"
             )
 
     def check_view_mode(self, param: str, num_views: int | None) -> None:
@@ -184,7 +193,8 @@ class Sampler(Configurable):
         """No-grad re-encoding of cached rows (default nothing)."""
 
     def diagnostics(self) -> dict[str, float]:
-        """Sampler-specific metrics accumulated since the last call (then reset)."""
+        """Sampler-specific metrics accumulated since the last call (then reset); every key is
+        declared in ``diagnostic_metrics``."""
         return {}
 
     # ---- state --------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from negbench.metric_registry import Metric
 from negbench.params import Param
 from negbench.registry import register_sampler
 from negbench.sampler import Batch, EncodeFn, Extras, Sampler
@@ -74,6 +75,7 @@ class NegativeCacheSampler(Sampler):
     test_params = {"k": 2, "refresh_frac": 0.1}
     state_attributes = ("cache_emb", "cache_step")
     diagnostic_attributes = ("_counters",)
+    diagnostic_metrics = (Metric("cache_age", "mean number of steps since the drawn cache rows were written"),)
 
     def check_task(self, num_items: int, num_views: int | None) -> None:
         super().check_task(num_items, num_views)
