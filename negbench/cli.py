@@ -15,7 +15,7 @@ from rich.table import Table
 from negbench.config import DEFAULT_BATCH_SIZES, DEFAULT_SEEDS, RunConfig, split_set_options
 from negbench.errors import UserError
 from negbench.metric_registry import DEFAULT_SORT
-from negbench.registry import SAMPLERS, TASKS, load_plugin
+from negbench.registry import SAMPLERS, TASKS, load_plugin, registered_by
 
 try:  # typer >= 0.22 vendors click; older releases depend on it
     from typer._click import exceptions as click_exceptions
@@ -362,14 +362,18 @@ def check(
     from negbench.conformance import run_suite
 
     if plugins:
-        samplers_before, tasks_before = set(SAMPLERS.names()), set(TASKS.names())
-        failures_before = set(SAMPLERS.failures)
+        for path in plugins:  # a failure of an earlier load of the same file is not this one's
+            SAMPLERS.failures.pop(path.name, None)
+            TASKS.failures.pop(path.name, None)
         _load_plugins(plugins)
-        broken = sorted(set(SAMPLERS.failures) - failures_before)
+        broken = [p.name for p in plugins if p.name in SAMPLERS.failures]
         for name in broken:
             print(f"FAIL  plugin {name}  imports: {SAMPLERS.failures[name]}")
-        samplers = sorted(set(SAMPLERS.names()) - samplers_before)
-        tasks = sorted(set(TASKS.names()) - tasks_before)
+        samplers, tasks = [], []
+        for path in plugins:
+            mine = registered_by(path)
+            samplers += mine[0]
+            tasks += mine[1]
         if broken:
             raise typer.Exit(1)
         if not samplers and not tasks:
