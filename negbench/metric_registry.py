@@ -159,3 +159,10 @@ def summary_keys() -> tuple[str, ...]:
     """The metrics of ``negbench run``'s summary table: the framework's marked ``summary``,
     then every sampler diagnostic marked ``summary``, in table order."""
     return tuple(m.name for m in all_metrics() if m.summary)
+
+
+def markdown_table() -> str:
+    """The registry as a markdown table (docs/design.md §4 holds it; a test checks the copy)."""
+    lines = ["| key | meaning | better | where |", "|---|---|---|---|"]
+    lines += [f"| `{m.name}` | {m.description} | {m.better} | {m.applies} |" for m in all_metrics()]
+    return "\n".join(lines)
