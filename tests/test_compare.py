@@ -326,3 +326,36 @@ def test_parsing_and_set_routing():
     assert routed["uniform"] == ({}, {"num_items": "24", "dim": "8"})
     with pytest.raises(UserError, match="unknown --set key 'stale'"):
         grid.route_set_options(["stale=refresh"], ["uniform"], "synthetic")
+
+
+def test_run_grid_takes_any_cells_and_a_per_cell_runner():
+    """The grid machinery a rate study or --jobs reuses: each cell goes to the given runner;
+    a raising cell is recorded and the rest run, a busy one is left alone, an interrupted
+    run stops the grid."""
+    from negbench.config import RunConfig
+
+    spec = grid.parse_sampler_spec("uniform")
+    cells = [grid.Cell(spec, 4, seed, RunConfig(sampler="uniform", seed=seed)) for seed in range(5)]
+    cells[1].error = "cannot run here"  # marked before the grid runs: never handed to the runner
+    seen = []
+
+    def fake(cell, console):
+        seen.append(cell.seed)
+        if cell.seed == 2:
+            raise RuntimeError("boom\nsecond line")
+        if cell.seed == 3:
+            raise runner.RunFolderBusy("held")
+        return grid.CellOutcome(skipped=cell.seed == 0, interrupted=False)
+
+    console = Console(file=open("/dev/null", "w"))
+    assert grid.run_grid(cells, console, run_one=fake, title="rate")
+    assert seen == [0, 2, 3, 4]
+    assert [c.ran for c in cells] == [False, False, False, False, True]
+    assert cells[2].error == "RuntimeError: boom second line" and cells[3].busy and cells[3].error is None
+    assert cells[1].error == "cannot run here" and cells[2].name == "uniform B=4 seed 2"
+
+    stop = [grid.Cell(spec, 4, seed, RunConfig(sampler="uniform", seed=seed)) for seed in range(3)]
+    seen.clear()
+    interrupted = lambda cell, console: (seen.append(cell.seed), grid.CellOutcome(False, cell.seed == 1))[1]  # noqa: E731
+    assert not grid.run_grid(stop, console, run_one=interrupted)
+    assert seen == [0, 1]
