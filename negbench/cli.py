@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Optional
 
 import typer
@@ -191,6 +192,29 @@ def _command_line(options: list[tuple[str, object, object]], set_pairs: list[str
     return " ".join(words)
 
 
+def _compare_run_folders(runs: list[str], *, out: Path, name: Optional[str], reference: Optional[str], sort: str,
+                         warn: Callable[[str], None], err: Console) -> None:
+    """``negbench compare RUN_FOLDER...``: aggregate the given run folders (no grid)."""
+    from negbench import report
+    from negbench.config import check_writable
+    from negbench.results import collect_dirs, expand_run_paths
+
+    records = collect_dirs(expand_run_paths(runs), warn)
+    if not records:
+        raise UserError("none of the given folders holds a readable run; pass run folders (results/runs/<run-id>)")
+    tasks = sorted({r.task for r in records})
+    name = (tasks[0] if len(tasks) == 1 else "compare") if name is None else name
+    folder = report.comparison_folder(out, name)
+    check_writable(folder)
+    ref = report.check_reference(reference or "in_batch", records, explicit=reference is not None)
+    command = _command_line([("--out", out, _D.out), ("--name", name, None),
+                             ("--reference", reference, None), ("--sort", sort, DEFAULT_SORT)], [])
+    command = command.replace("negbench compare", "negbench compare " + " ".join(runs), 1)
+    report.write_comparison(folder, records, reference=ref, sort=sort, title=report.default_title(records, name),
+                            command=command, console=Console())
+    err.print(f"comparison written to {folder}/")
+
+
 @app.command()
 def compare(
     runs: Optional[list[str]] = typer.Argument(None, help="Run folders, folders of run folders, or globs to compare instead of a grid.", show_default=False),
@@ -230,7 +254,6 @@ def compare(
     from negbench import grid as grids
     from negbench import report
     from negbench.config import check_writable
-    from negbench.results import collect_dirs, expand_run_paths
 
     _load_plugins(plugin)
     err = Console(stderr=True)
@@ -244,20 +267,7 @@ def compare(
                                                   ("--seeds", seeds), ("--collect", collect or None)) if value is not None]
         if grid_options:
             raise UserError(f"give run folders or a grid ({', '.join(grid_options)}), not both")
-        records = collect_dirs(expand_run_paths(runs), warn)
-        if not records:
-            raise UserError("none of the given folders holds a readable run; pass run folders (results/runs/<run-id>)")
-        tasks = sorted({r.task for r in records})
-        name = (tasks[0] if len(tasks) == 1 else "compare") if name is None else name
-        folder = report.comparison_folder(out, name)
-        check_writable(folder)
-        ref = report.check_reference(reference or "in_batch", records, explicit=reference is not None)
-        command = _command_line([("--out", out, _D.out), ("--name", name, None),
-                                 ("--reference", reference, None), ("--sort", sort, DEFAULT_SORT)], [])
-        command = command.replace("negbench compare", "negbench compare " + " ".join(runs), 1)
-        report.write_comparison(folder, records, reference=ref, sort=sort, title=report.default_title(records, name),
-                                command=command, console=Console())
-        err.print(f"comparison written to {folder}/")
+        _compare_run_folders(runs, out=out, name=name, reference=reference, sort=sort, warn=warn, err=err)
         return
 
     task = task or _D.task
