@@ -25,6 +25,7 @@ from negbench.config import RunConfig  # noqa: E402
 from negbench.distribution import negative_distribution, sampling_tv  # noqa: E402
 from negbench.encoders import Encoder, make_encoder  # noqa: E402
 from negbench.errors import UserError  # noqa: E402
+from negbench.metric_registry import Metric  # noqa: E402
 from negbench.objective import exact_gradient, gcl_loss, surrogate_loss  # noqa: E402
 from negbench.params import Param  # noqa: E402
 from negbench.registry import (  # noqa: E402
@@ -72,7 +73,7 @@ def run(config: RunConfig, *, console: "Console | None" = None, show_progress: b
 
 
 __all__ = [
-    "Batch", "EncodeFn", "Encoder", "EvalData", "Extras", "FiniteViewTask", "Param", "RunConfig", "Sampler",
+    "Batch", "EncodeFn", "Encoder", "EvalData", "Extras", "FiniteViewTask", "Metric", "Param", "RunConfig", "Sampler",
     "SamplerContext", "Task", "UserError", "exact_gradient", "gcl_loss", "get_sampler", "get_task",
     "list_samplers", "list_tasks", "load_plugin", "make_encoder", "negative_distribution", "register_sampler",
     "register_task", "run", "sampling_tv", "surrogate_loss",

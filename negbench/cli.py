@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
@@ -12,9 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from negbench.config import RunConfig, split_set_options
+from negbench.config import DEFAULT_BATCH_SIZES, DEFAULT_SEEDS, RunConfig, split_set_options
 from negbench.errors import UserError
-from negbench.registry import SAMPLERS, TASKS, Registry, load_plugin
+from negbench.metric_registry import DEFAULT_SORT
+from negbench.registry import SAMPLERS, TASKS, Registry, load_plugin, registered_by
 
 try:  # typer >= 0.22 vendors click; older releases depend on it
     from typer._click import exceptions as click_exceptions
@@ -190,13 +192,36 @@ def _command_line(options: list[tuple[str, object, object]], set_pairs: list[str
     return " ".join(words)
 
 
+def _compare_run_folders(runs: list[str], *, out: Path, name: Optional[str], reference: Optional[str], sort: str,
+                         warn: Callable[[str], None], err: Console) -> None:
+    """``negbench compare RUN_FOLDER...``: aggregate the given run folders (no grid)."""
+    from negbench import report
+    from negbench.config import check_writable
+    from negbench.results import collect_dirs, expand_run_paths
+
+    records = collect_dirs(expand_run_paths(runs), warn)
+    if not records:
+        raise UserError("none of the given folders holds a readable run; pass run folders (results/runs/<run-id>)")
+    tasks = sorted({r.task for r in records})
+    name = (tasks[0] if len(tasks) == 1 else "compare") if name is None else name
+    folder = report.comparison_folder(out, name)
+    check_writable(folder)
+    ref = report.check_reference(reference or "in_batch", records, explicit=reference is not None)
+    command = _command_line([("--out", out, _D.out), ("--name", name, None),
+                             ("--reference", reference, None), ("--sort", sort, DEFAULT_SORT)], [])
+    command = command.replace("negbench compare", "negbench compare " + " ".join(runs), 1)
+    report.write_comparison(folder, records, reference=ref, sort=sort, title=report.default_title(records, name),
+                            command=command, console=Console())
+    err.print(f"comparison written to {folder}/")
+
+
 @app.command()
 def compare(
     runs: Optional[list[str]] = typer.Argument(None, help="Run folders, folders of run folders, or globs to compare instead of a grid.", show_default=False),
-    task: Optional[str] = typer.Option(None, help="Task of the grid [default: digits]."),
-    samplers: Optional[str] = typer.Option(None, help="Comma-separated samplers, each name[:key=value[:key=value]] (e.g. emc2,emc2:stale=refresh); all = every registered sampler plus emc2:stale=refresh [default: all]."),
-    batch_sizes: Optional[str] = typer.Option(None, help="Comma-separated batch sizes [default: 4,32]."),
-    seeds: Optional[str] = typer.Option(None, help="A count n (seeds 0..n-1) or a comma-separated list of seeds (5, = seed 5 alone) [default: 3]."),
+    task: Optional[str] = typer.Option(None, help=f"Task of the grid [default: {_D.task}]."),
+    samplers: Optional[str] = typer.Option(None, help="Comma-separated samplers, each name[:key=value[:key=value]] (e.g. emc2,emc2:stale=refresh); all = every registered sampler plus the variants it declares (emc2:stale=refresh) [default: all]."),
+    batch_sizes: Optional[str] = typer.Option(None, help=f"Comma-separated batch sizes [default: {DEFAULT_BATCH_SIZES}]."),
+    seeds: Optional[str] = typer.Option(None, help=f"A count n (seeds 0..n-1) or a comma-separated list of seeds (5, = seed 5 alone) [default: {DEFAULT_SEEDS}]."),
     steps: Optional[int] = typer.Option(None, help="Training steps of every run [default: 1000]."),
     epochs: Optional[float] = typer.Option(None, help="Training length in epochs (instead of --steps)."),
     optimizer: str = OPTIMIZER,
@@ -215,7 +240,7 @@ def compare(
     plugin: Optional[list[Path]] = PLUGIN,
     name: Optional[str] = typer.Option(None, help="Comparison folder <out>/../NAME, i.e. results/NAME (or an absolute path) [default: the task]."),
     reference: Optional[str] = typer.Option(None, help="Sampler the paired ratios divide by [default: in_batch when compared]."),
-    sort: str = typer.Option("grad_norm_sq", help="Metric the table is sorted by, best first."),
+    sort: str = typer.Option(DEFAULT_SORT, help="Metric the table is sorted by, best first (`negbench list --metrics`)."),
     collect: bool = typer.Option(False, "--collect", help="Only aggregate the runs that exist; train nothing."),
     checkpoint_every: Optional[int] = typer.Option(
         None, help="Steps between checkpoints [default: one at each metric row]; SIGINT/SIGTERM also checkpoint. Rerun the same command to resume."
@@ -226,7 +251,8 @@ def compare(
     table.csv, table.md and PNG plots."""
     from rich.markup import escape
 
-    from negbench import compare as cmp
+    from negbench import grid as grids
+    from negbench import report
     from negbench.config import check_writable
 
     _load_plugins(plugin)
@@ -235,36 +261,23 @@ def compare(
     def warn(message: str) -> None:
         err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
 
-    cmp.check_sort(sort)
+    report.check_sort(sort)
     if runs:
         grid_options = [flag for flag, value in (("--task", task), ("--samplers", samplers), ("--batch-sizes", batch_sizes),
                                                   ("--seeds", seeds), ("--collect", collect or None)) if value is not None]
         if grid_options:
             raise UserError(f"give run folders or a grid ({', '.join(grid_options)}), not both")
-        records = cmp.collect_dirs(cmp.expand_run_paths(runs), warn)
-        if not records:
-            raise UserError("none of the given folders holds a readable run; pass run folders (results/runs/<run-id>)")
-        tasks = sorted({r.task for r in records})
-        name = (tasks[0] if len(tasks) == 1 else "compare") if name is None else name
-        folder = cmp.comparison_folder(out, name)
-        check_writable(folder)
-        ref = cmp.check_reference(reference or "in_batch", records, explicit=reference is not None)
-        command = _command_line([("--out", out, Path("results/runs")), ("--name", name, None),
-                                 ("--reference", reference, None), ("--sort", sort, "grad_norm_sq")], [])
-        command = command.replace("negbench compare", "negbench compare " + " ".join(runs), 1)
-        cmp.write_comparison(folder, records, reference=ref, sort=sort, title=cmp.default_title(records, name),
-                             command=command, console=Console())
-        err.print(f"comparison written to {folder}/")
+        _compare_run_folders(runs, out=out, name=name, reference=reference, sort=sort, warn=warn, err=err)
         return
 
-    task = task or "digits"
-    specs = cmp.parse_sampler_specs(samplers)
-    sizes = cmp.parse_batch_sizes(batch_sizes or "4,32")
-    seed_list = cmp.parse_seeds(seeds or "3")
+    task = task or _D.task
+    specs = grids.parse_sampler_specs(samplers)
+    sizes = grids.parse_batch_sizes(batch_sizes or DEFAULT_BATCH_SIZES)
+    seed_list = grids.parse_seeds(seeds or DEFAULT_SEEDS)
     name = task if name is None else name
-    folder = cmp.comparison_folder(out, name)
+    folder = report.comparison_folder(out, name)
     check_writable(folder)
-    ref_label = cmp.parse_sampler_spec(reference).label if reference else "in_batch"
+    ref_label = grids.parse_sampler_spec(reference).label if reference else "in_batch"
     if reference and ref_label not in {s.label for s in specs}:
         raise UserError(f"--reference {reference!r} is not in --samplers; add it or choose one of: "
                         f"{', '.join(s.label for s in specs)}")
@@ -272,27 +285,28 @@ def compare(
                      weight_decay=weight_decay, beta=beta, device=device, eval_every=eval_every, out=out,
                      data_root=data_root, grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors,
                      checkpoint_every=checkpoint_every)
-    grid = cmp.build_grid(base, specs, sizes, seed_list, set_ or [])
+    grid = grids.build_grid(base, specs, sizes, seed_list, set_ or [])
     seeds_text = str(len(seed_list)) if seed_list == list(range(len(seed_list))) else ",".join(map(str, seed_list))
     command = _command_line([
         ("--task", task, None), ("--samplers", ",".join(s.label for s in specs), None),
         ("--batch-sizes", ",".join(map(str, sizes)), None), ("--seeds", seeds_text, None), ("--steps", steps, None),
-        ("--epochs", epochs, None), ("--optimizer", optimizer, "adam"), ("--lr", lr, None), ("--momentum", momentum, 0.0),
-        ("--weight-decay", weight_decay, 0.0), ("--beta", beta, 5.0), ("--device", device, "auto"),
-        ("--eval-every", eval_every, None), ("--out", out, Path("results/runs")), ("--data-root", data_root, None),
-        ("--grad-error", grad_error, False), ("--tv-steps", tv_steps, None), ("--tv-anchors", tv_anchors, 8),
-        ("--checkpoint-every", checkpoint_every, None), ("--name", name, task), ("--reference", reference, None), ("--sort", sort, "grad_norm_sq"),
+        ("--epochs", epochs, None), ("--optimizer", optimizer, _D.optimizer), ("--lr", lr, None),
+        ("--momentum", momentum, _D.momentum), ("--weight-decay", weight_decay, _D.weight_decay), ("--beta", beta, _D.beta),
+        ("--device", device, _D.device), ("--eval-every", eval_every, None), ("--out", out, _D.out),
+        ("--data-root", data_root, None), ("--grad-error", grad_error, False), ("--tv-steps", tv_steps, None),
+        ("--tv-anchors", tv_anchors, _D.tv_anchors), ("--checkpoint-every", checkpoint_every, None), ("--name", name, task),
+        ("--reference", reference, None), ("--sort", sort, DEFAULT_SORT),
     ], set_ or [])
     if not collect:
         err.print(f"compare: {len(grid.cells)} runs ({len(specs)} samplers × {len(sizes)} batch sizes × "
                   f"{len(seed_list)} seeds) in {out}/")
-        if not cmp.run_grid(grid, err):
+        if not grids.run_grid(grid.cells, err):
             err.print("compare: interrupted; rerun the same command to resume")
             raise typer.Exit(130)
-    records = cmp.collect_grid(grid, warn)
-    ref = cmp.check_reference(ref_label, records, explicit=reference is not None)
-    cmp.write_comparison(folder, records, reference=ref, sort=sort, title=cmp.default_title(records, name),
-                         command=command, console=Console())
+    records = grids.collect_grid(grid, warn)
+    ref = report.check_reference(ref_label, records, explicit=reference is not None)
+    report.write_comparison(folder, records, reference=ref, sort=sort, title=report.default_title(records, name),
+                            command=command, console=Console())
     err.print(f"comparison written to {folder}/")
 
 
@@ -319,20 +333,75 @@ def _component_table(registry: Registry[Any], title: str) -> Table:
     return table
 
 
+def _metric_table() -> Table:
+    """Every metric of the registry (the samplers' diagnostics included), in table order."""
+    from negbench.metric_registry import all_metrics
+
+    table = Table(title="metrics", show_lines=False)
+    for column in ("name", "description", "better", "where it applies"):
+        table.add_column(column)
+    for metric in all_metrics():
+        table.add_row(metric.name, escape(metric.description), f"{metric.better} {metric.arrow}", escape(metric.applies))
+    return table
+
+
 @app.command("list")
 def list_(
-    what: str = typer.Argument("all", help="samplers, tasks or all."),
+    what: str = typer.Argument("all", help="samplers, tasks, metrics or all."),
+    metrics: bool = typer.Option(False, "--metrics", help="List the metrics (name, meaning, better direction, where each applies)."),
     plugin: Optional[list[Path]] = PLUGIN,
 ) -> None:
-    """List the registered samplers and tasks with their parameters."""
-    if what not in ("samplers", "tasks", "all"):
-        raise UserError(f"`negbench list` takes samplers, tasks or all, got {what!r}")
+    """List the registered samplers and tasks with their parameters (--metrics: the metrics)."""
+    if what not in ("samplers", "tasks", "metrics", "all"):
+        raise UserError(f"`negbench list` takes samplers, tasks, metrics or all, got {what!r}")
     _load_plugins(plugin)
     console = Console()
+    if metrics or what == "metrics":
+        console.print(_metric_table())
+        return
     if what in ("samplers", "all"):
         console.print(_component_table(SAMPLERS, "samplers"))
     if what in ("tasks", "all"):
         console.print(_component_table(TASKS, "tasks"))
+
+
+@app.command()
+def check(
+    plugins: Optional[list[Path]] = typer.Argument(None, help="Plugin files (PLUGIN.py) whose samplers and tasks to check [default: every registered one].", show_default=False),
+) -> None:
+    """Run the conformance suite on a plugin's samplers and tasks: one verdict line per check
+    (PASS, FAIL with the reason, SKIP with why); exit 0 when none fails, 1 otherwise."""
+    from negbench.conformance import run_suite
+
+    if plugins:
+        for path in plugins:  # a failure of an earlier load of the same file is not this one's
+            SAMPLERS.failures.pop(path.name, None)
+            TASKS.failures.pop(path.name, None)
+        _load_plugins(plugins)
+        broken = [p.name for p in plugins if p.name in SAMPLERS.failures]
+        for name in broken:
+            print(f"FAIL  plugin {name}  imports: {SAMPLERS.failures[name]}")
+        samplers, tasks = [], []
+        for path in plugins:
+            mine = registered_by(path)
+            samplers += mine[0]
+            tasks += mine[1]
+        if broken:
+            raise typer.Exit(1)
+        if not samplers and not tasks:
+            raise UserError(f"{', '.join(map(str, plugins))} registers no sampler or task; decorate a class with "
+                            "@register_sampler(\"name\") or @register_task(\"name\")")
+    else:
+        samplers, tasks = SAMPLERS.names(), TASKS.names()
+    verdicts = run_suite(samplers, tasks)
+    for verdict in verdicts:
+        print(verdict.line(), flush=True)
+    failed = [v for v in verdicts if v.status == "fail"]
+    counts = {s: sum(v.status == s for v in verdicts) for s in ("pass", "fail", "skip")}
+    print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
+          + (": " + "; ".join(f"{v.check.kind} {v.name} {v.check.id}" for v in failed) if failed else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -21,6 +21,11 @@ DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 DEFAULT_STEPS = 1000
 
 
+#: ``negbench compare``'s grid defaults (its run options' defaults are RunConfig's)
+DEFAULT_BATCH_SIZES = "4,32"
+DEFAULT_SEEDS = "3"
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run. ``None`` means "derive a default" (see :func:`resolve`)."""

@@ -1,4 +1,4 @@
-"""The PNG plots of a comparison (DESIGN §6), drawn with matplotlib's object API on the Agg
+"""The PNG plots of a comparison (docs/design.md §6), drawn with matplotlib's object API on the Agg
 canvas (no pyplot, no global backend switch), returned as PNG bytes for atomic writing.
 
 - ``grad_norm_sq.png``: the stationarity gap ‖∇F(θ)‖² (log scale) against the step, a line per
@@ -22,9 +22,23 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from negbench.metric_registry import metric as declared_metric
+
 DPI = 130
 BAND_NOTE = "line: mean over seeds · band: min–max over seeds"
 BAR_NOTE = "bar: mean over seeds · whisker: 95% CI"
+#: the plot files of a comparison folder (stale ones are removed when a plot has no data)
+PLOT_FILES = ("grad_norm_sq.png", "gcl.png", "sampling_tv.png", "cost.png", "accuracy.png")
+
+
+def _ylabel(metric: str) -> str:
+    """The registry's axis label of ``metric``."""
+    return declared_metric(metric).plot_label or metric
+
+
+def _axis(metric: str, suffix: str = "") -> str:
+    """The registry's axis label of ``metric`` (with ``suffix``) and its better direction."""
+    return f"{_ylabel(metric)}{suffix} {declared_metric(metric).arrow}"
 
 
 def _png(fig: Figure) -> bytes:
@@ -189,26 +203,24 @@ def bar_figure(table: pd.DataFrame, panels: Sequence[tuple[str, str, float]], *,
 
 
 def make_plots(table: pd.DataFrame, curves: pd.DataFrame, *, title: str, device: str | None = None) -> dict[str, bytes]:
-    """Every plot the data supports, by file name (in :data:`negbench.compare.PLOT_FILES`)."""
+    """Every plot the data supports, by file name (in :data:`PLOT_FILES`)."""
     labels = list(dict.fromkeys(table["sampler"]))
     colours = _colours(labels)
     cells = table.drop_duplicates(["task", "batch_size"])
     n_over_b = {(t, int(b)): float(r) for t, b, r in zip(cells["task"], cells["batch_size"], cells["n_over_b"])}
     common = {"labels": labels, "colours": colours}
-    memory = "peak memory (MiB)" + (", process RSS" if device == "cpu" else ", CUDA allocated" if device == "cuda" else "")
+    memory = ", process RSS" if device == "cpu" else ", CUDA allocated" if device == "cuda" else ""
     figures = {
-        "grad_norm_sq.png": curve_figure(curves, "grad_norm_sq", "stationarity gap ‖∇F(θ)‖² (log scale)", log=True,
+        "grad_norm_sq.png": curve_figure(curves, "grad_norm_sq", _ylabel("grad_norm_sq"), log=True,
                                          title=f"{title}: stationarity gap (lower is better)", n_over_b=n_over_b, **common),
-        "gcl.png": curve_figure(curves, "gcl", "exact GCL F(θ)", log=False,
+        "gcl.png": curve_figure(curves, "gcl", _ylabel("gcl"), log=False,
                                 title=f"{title}: global contrastive loss", n_over_b=n_over_b, **common),
         "sampling_tv.png": tv_figure(table, title=f"{title}: sampling bias", **common),
-        "cost.png": bar_figure(table, [("samples_per_s", "throughput (items/s) ↑", 1.0),
-                                       ("sampler_ms", "time in sampler (ms/step) ↓", 1.0),
-                                       ("peak_mem_bytes", memory + " ↓", 2.0**20)],
+        "cost.png": bar_figure(table, [("samples_per_s", _axis("samples_per_s"), 1.0),
+                                       ("sampler_ms", _axis("sampler_ms"), 1.0),
+                                       ("peak_mem_bytes", _axis("peak_mem_bytes", memory), declared_metric("peak_mem_bytes").scale)],
                                title=f"{title}: cost", n_over_b=n_over_b, **common),
-        "accuracy.png": bar_figure(table, [("lp_acc", "linear-probe test accuracy ↑", 1.0),
-                                           ("knn1_acc", "1-NN test accuracy ↑", 1.0),
-                                           ("knn10_acc", "10-NN test accuracy ↑", 1.0)],
+        "accuracy.png": bar_figure(table, [(m, _axis(m), 1.0) for m in ("lp_acc", "knn1_acc", "knn10_acc")],
                                    title=f"{title}: representation (test accuracy)", n_over_b=n_over_b,
                                    ylim=(0.0, 1.0), **common),
     }

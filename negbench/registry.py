@@ -82,7 +82,7 @@ class Registry(Generic[T]):
         path = Path(path)
         if not path.is_file():
             raise UserError(f"plugin file {str(path)!r} does not exist; pass --plugin PATH.py")
-        name = f"negbench_plugin_{path.stem}"
+        name = plugin_module_name(path)
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise UserError(f"plugin {str(path)!r} is not a Python file; pass --plugin PATH.py")
@@ -166,6 +166,21 @@ def list_samplers() -> list[str]:
 def list_tasks() -> list[str]:
     """Names of the registered tasks."""
     return TASKS.names()
+
+
+def plugin_module_name(path: str | Path) -> str:
+    """The module name a plugin file is imported under."""
+    return f"negbench_plugin_{Path(path).stem}"
+
+
+def registered_by(path: str | Path) -> tuple[list[str], list[str]]:
+    """The (sampler, task) names the loaded plugin file ``path`` registered."""
+    module = plugin_module_name(path)
+
+    def mine(registry: Registry[Any]) -> list[str]:
+        return [n for n in registry.names() if registry.get_class(n).__module__ == module]
+
+    return mine(SAMPLERS), mine(TASKS)
 
 
 def load_plugin(path: str | Path) -> None:

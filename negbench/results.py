@@ -1,13 +1,18 @@
-"""The run folder (DESIGN §6): ``config.json``, ``metrics.jsonl``, ``summary.json`` and a
-checkpoint, every file a reader may see written atomically (temporary file, then rename)."""
+"""The run folder (docs/design.md §6): ``config.json``, ``metrics.jsonl``, ``summary.json`` and a
+checkpoint, every file a reader may see written atomically (temporary file, then rename); and
+reading run folders back (:class:`RunRecord`, :func:`read_run`, :func:`collect_dirs`) for
+``negbench compare``: a folder that cannot be read is skipped with one warning line."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -20,6 +25,15 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 STATUSES = ("completed", "diverged", "interrupted", "failed")
+#: row keys that count progress, not metrics
+_NOT_METRICS = frozenset({"step", "epoch", "samples_seen"})
+
+Warn = Callable[[str], None]
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space."""
+    return " ".join(str(text).split())
 
 
 def _json_default(value: Any) -> Any:
@@ -140,3 +154,145 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a JSON object; delete it or the run folder")
     return data
+
+
+# ---- reading run folders back ---------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    """One seed of one grid cell, as read back from its run folder (or why it has none)."""
+
+    task: str
+    label: str
+    batch_size: int
+    seed: int | None
+    status: str  # completed | diverged | interrupted | failed | unreadable | missing
+    reason: str | None = None
+    n_over_b: float | None = None
+    final: dict[str, float] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+
+def read_run(run_dir: Path, warn: Warn) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
+    """(config, summary, rows) of a finished-or-stopped run folder, or None — after one warning
+    line naming the folder — when it is unreadable or partial: config.json or summary.json
+    missing or corrupt, or metrics.jsonl missing, with a bad line, or ending before the step
+    the summary reports."""
+    def skip(why: str) -> None:
+        warn(f"skipped {run_dir}: {why}")
+
+    for name in (CONFIG, SUMMARY, METRICS):
+        if not (run_dir / name).is_file():
+            extra = " (still running, or killed before it ended)" if name == SUMMARY else ""
+            skip(f"no {name}{extra}")
+            return None
+    try:
+        config = read_json(run_dir / CONFIG)
+        summary = read_json(run_dir / SUMMARY)
+        rows = read_rows(run_dir / METRICS, strict=True)
+    except UserError as exc:
+        skip(one_line(str(exc).split(";")[0]))
+        return None
+    for key in ("task", "sampler", "batch_size", "seed"):
+        if key not in config:
+            skip(f"{CONFIG} has no {key!r}")
+            return None
+    if not isinstance(summary.get("final"), dict) or "status" not in summary:
+        skip(f"{SUMMARY} has no status or final values")
+        return None
+    last = max((r.get("step", -1) for r in rows), default=-1)
+    if summary["status"] in ("completed", "diverged") and last != summary.get("steps_done"):
+        skip(f"{METRICS} ends at step {last} but {SUMMARY} reports step {summary.get('steps_done')} (truncated)")
+        return None
+    return config, summary, rows
+
+
+def _numbers(summary: dict[str, Any]) -> dict[str, float]:
+    """The final value of every numeric metric, plus the summary's gap statistics."""
+    values = {k: float(v) for k, v in summary["final"].items()
+              if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key in ("grad_norm_sq_avg", "grad_norm_sq_min"):
+        if isinstance(summary.get(key), (int, float)):
+            values[key] = float(summary[key])
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+def read_record(task: str, label: str, batch_size: int, seed: int | None, run_dir: Path, n_over_b: float | None,
+            warn: Warn) -> RunRecord:
+    """The record of one grid cell's run folder (``unreadable`` when :func:`read_run` skips it)."""
+    read = read_run(run_dir, warn)
+    if read is None:
+        return RunRecord(task, label, batch_size, seed, "unreadable", f"unreadable run folder {run_dir.name}",
+                         n_over_b, run_dir=run_dir)
+    config, summary, rows = read
+    n_over_b = config.get("items_per_batch_ratio", n_over_b)
+    return RunRecord(task, label, batch_size, config.get("seed", seed), summary["status"], summary.get("reason"),
+                     n_over_b, _numbers(summary), rows, config, run_dir)
+
+
+
+
+def _is_run_folder(path: Path) -> bool:
+    return any((path / name).exists() for name in (CONFIG, SUMMARY, METRICS, CHECKPOINT))
+
+
+def expand_run_paths(paths: Sequence[str]) -> list[Path]:
+    """Run folders from arguments: folders, globs (expanded here when the shell did not), or a
+    folder of run folders (its subfolders). A path that matches nothing is a :class:`UserError`."""
+    found: list[Path] = []
+    for text in paths:
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else ([text] if Path(text).exists() else [])
+        if not matches:
+            raise UserError(f"no run folder matches {text!r}; pass run folders (results/runs/<run-id>) or a glob")
+        for match in map(Path, matches):
+            if not match.is_dir():
+                raise UserError(f"{str(match)!r} is not a folder; pass run folders (results/runs/<run-id>)")
+            if _is_run_folder(match):
+                found.append(match)
+            else:
+                found += sorted(p for p in match.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return list(dict.fromkeys(found))
+
+
+#: resolved options that, when they differ between the given runs, are appended to their label
+_SETTING_KEYS = ("task_params", "steps", "optimizer", "lr", "momentum", "weight_decay", "beta", "eval_every",
+                 "grad_error", "tv_steps", "tv_anchors", "device")
+
+
+def sampler_label(config: dict[str, Any]) -> str:
+    """``name[:key=value...]`` with the parameters that differ from the sampler's defaults (all
+    of them when the sampler is not registered here)."""
+    name = config["sampler"]
+    params = config.get("sampler_params") or {}
+    from negbench.registry import SAMPLERS
+
+    try:
+        defaults = {k: p.default for k, p in SAMPLERS.get_class(name).params.items()}
+    except UserError:
+        defaults = {}
+    return ":".join([name, *(f"{k}={v}" for k, v in sorted(params.items()) if defaults.get(k, object()) != v)])
+
+
+def collect_dirs(run_dirs: Sequence[Path], warn: Warn) -> list[RunRecord]:
+    """Records of the given run folders, grouped by task, sampler label and batch size; runs
+    whose other settings (steps, lr, ...) differ get those settings in their label."""
+    loaded = []
+    for run_dir in run_dirs:
+        read = read_run(run_dir, warn)
+        if read is not None:
+            loaded.append((run_dir, *read))
+    varying = {task: [k for k in _SETTING_KEYS
+                      if len({repr(c.get(k)) for _, c, _, _ in loaded if c["task"] == task}) > 1]
+               for task in {c["task"] for _, c, _, _ in loaded}}
+    records = []
+    for run_dir, config, summary, rows in loaded:
+        label = sampler_label(config)
+        if varying[config["task"]]:
+            varying_keys = varying[config["task"]]
+            label += " [" + ", ".join(f"{k}={config.get(k)}" for k in varying_keys) + "]"
+        n_over_b = config.get("items_per_batch_ratio")
+        records.append(RunRecord(config["task"], label, int(config["batch_size"]), config["seed"], summary["status"],
+                                 summary.get("reason"), n_over_b, _numbers(summary), rows, config, run_dir))
+    return records

@@ -16,11 +16,11 @@ from __future__ import annotations
 from negbench.config import RunConfig
 from negbench.evaluation import EVAL_SAMPLE_ITEMS, Evaluator
 from negbench.resolution import Prepared, ResolvedRun, Seeds, prepare, provenance, resolve
-from negbench.session import RunFolderBusy, RunOutcome, SUMMARY_KEYS, run, summarise, summary_table
+from negbench.session import RunFolderBusy, RunOutcome, run, summarise, summary_table
 from negbench.training import EXACT_CHUNK, EXTRA_CHUNK, WARMUP_STEPS, Trainer
 
 __all__ = [
     "EVAL_SAMPLE_ITEMS", "EXACT_CHUNK", "EXTRA_CHUNK", "Evaluator", "Prepared", "ResolvedRun", "RunConfig",
-    "RunFolderBusy", "RunOutcome", "SUMMARY_KEYS", "Seeds", "Trainer", "WARMUP_STEPS", "prepare", "provenance",
+    "RunFolderBusy", "RunOutcome", "Seeds", "Trainer", "WARMUP_STEPS", "prepare", "provenance",
     "resolve", "run", "summarise", "summary_table",
 ]

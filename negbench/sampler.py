@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from negbench.errors import UserError
+from negbench.metric_registry import Metric
 from negbench.params import Configurable
 
 #: ``encode(items, views) -> embeddings`` without gradients; view -1 lets the task choose.
@@ -146,6 +147,12 @@ class Sampler(Configurable):
     #: plain values): saved in a checkpoint apart from the state, so that a run resumed in the
     #: middle of a metric window reports the same diagnostics; never counted in state_bytes
     diagnostic_attributes: ClassVar[tuple[str, ...]] = ()
+    #: the metrics :meth:`diagnostics` returns, declared for the metric registry (name,
+    #: description, better direction): tables, sorting and ``negbench list --metrics`` read them
+    diagnostic_metrics: ClassVar[tuple[Metric, ...]] = ()
+    #: parameter variants ``negbench compare --samplers all`` adds as rows of their own, each
+    #: ``key=value[:key=value]`` (e.g. ``stale=refresh``)
+    compare_variants: ClassVar[tuple[str, ...]] = ()
 
     context: SamplerContext | None = None
 
@@ -203,7 +210,8 @@ class Sampler(Configurable):
         """No-grad re-encoding of cached rows (default nothing)."""
 
     def diagnostics(self) -> dict[str, float]:
-        """Sampler-specific metrics accumulated since the last call (then reset)."""
+        """Sampler-specific metrics accumulated since the last call (then reset); every key is
+        declared in ``diagnostic_metrics``."""
         return {}
 
     # ---- state --------------------------------------------------------------------------

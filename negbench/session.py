@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import Tensor
 
-from negbench import distributed
+from negbench import distributed, metric_registry
 from negbench.config import RunConfig
 from negbench.errors import UserError
 from negbench.evaluation import Evaluator
@@ -164,9 +164,6 @@ def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str |
     }
 
 
-SUMMARY_KEYS = ("loss", "gcl", "grad_norm_sq", "sampling_tv", "sampling_tv_floor", "alignment", "uniformity",
-                "lp_acc", "knn1_acc", "knn10_acc", "accept_rate", "step_ms", "sampler_ms", "samples_per_s",
-                "peak_mem_bytes", "state_bytes")
 
 
 def summary_table(summary: dict[str, Any], title: str) -> Table:
@@ -175,7 +172,7 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     table.add_column("metric")
     table.add_column("final", justify="right")
     final = summary["final"]
-    for key in SUMMARY_KEYS:
+    for key in metric_registry.summary_keys():
         if key in final:
             value = final[key]
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))

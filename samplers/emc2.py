@@ -48,6 +48,7 @@ from torch import Tensor
 
 from negbench.errors import UserError
 from negbench.kernels import emc2 as kernels
+from negbench.metric_registry import Metric
 from negbench.params import Param
 from negbench.registry import register_sampler
 from negbench.sampler import Batch, Extras, Sampler
@@ -214,8 +215,18 @@ class EMC2Sampler(Sampler):
         "kernel": Param("auto", "MH sweep: fused (one compiled kernel per step), reference (pure PyTorch), or auto (fused when available)", choices=("auto", "fused", "reference")),
     }
     test_params = {"burn_in": 0.5}
+    #: ``negbench compare --samplers all`` also runs the other stale treatment (§2.1)
+    compare_variants = ("stale=refresh",)
     state_attributes = ("chain_state", "chain_score", "chain_step")
     diagnostic_attributes = ("_counters", "_anchors_seen")
+    diagnostic_metrics = (
+        Metric("accept_rate", "fraction of the Metropolis–Hastings proposals accepted after burn-in",
+               better="higher", summary=True),
+        Metric("stale_frac", "fraction of the recorded chain states that fall outside the batch (stale)",
+               headline=True),
+        Metric("empty_frac", "fraction of anchors left without a negative (stale=drop)", headline=True),
+        Metric("chain_age", "mean steps since the stored scores of this step's chains were computed"),
+    )
 
     def check_task(self, num_items: int, num_views: int | None) -> None:
         super().check_task(num_items, num_views)

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from negbench import Batch, EncodeFn, Extras, Param, register_sampler, Sampler
+from negbench import Batch, EncodeFn, Extras, Metric, Param, register_sampler, Sampler
 
 
 #: entries of one chunk of the anchors × cache-rows score matrix (64 MiB in float32)
@@ -72,6 +72,7 @@ class NegativeCacheSampler(Sampler):
     test_params = {"k": 2, "refresh_frac": 0.1}
     state_attributes = ("cache_emb", "cache_step")
     diagnostic_attributes = ("_counters",)
+    diagnostic_metrics = (Metric("cache_age", "mean number of steps since the drawn cache rows were written"),)
 
     def check_task(self, num_items: int, num_views: int | None) -> None:
         super().check_task(num_items, num_views)

@@ -178,7 +178,7 @@ BENCH = [
 ]
 
 LIST = [
-    Case(["widgets"], "takes samplers, tasks or all"),
+    Case(["widgets"], "takes samplers, tasks, metrics or all"),
     Case(["--plugin", "{tmp}/missing.py"], "does not exist"),
 ]
 

@@ -14,7 +14,8 @@ from rich.console import Console
 from scipy import stats
 
 from clikit import TINY_SYNTHETIC, invoke
-from negbench import compare as cmp
+from negbench import grid, plots, report, results
+from negbench import stats as aggregation
 from negbench import runner
 from negbench.errors import UserError
 
@@ -73,8 +74,8 @@ def hand_made(tmp_path):
 
 def test_aggregation_matches_independent_statistics(hand_made):
     runs, finals = hand_made
-    records = cmp.collect_dirs(sorted(p for p in runs.iterdir()), warn=pytest.fail)
-    table = cmp.aggregate(records, reference="in_batch")
+    records = results.collect_dirs(sorted(p for p in runs.iterdir()), warn=pytest.fail)
+    table = aggregation.aggregate(records, reference="in_batch")
     assert set(table["metric"]) == {*METRIC_KEYS, "grad_norm_sq_avg", "grad_norm_sq_min"}
     for (sampler, batch_size), seeds in {("emc2", 4): (0, 1, 2), ("in_batch", 4): (0, 1), ("emc2", 8): (0, 1),
                                          ("in_batch", 8): (0, 1, 2)}.items():
@@ -114,17 +115,17 @@ def test_aggregation_matches_independent_statistics(hand_made):
 
 
 def test_mean_ci_edge_cases():
-    mean, std, low, high, n = cmp.mean_ci([2.0])
+    mean, std, low, high, n = aggregation.mean_ci([2.0])
     assert (mean, n) == (2.0, 1) and math.isnan(std) and math.isnan(low) and math.isnan(high)
-    assert cmp.mean_ci([3.0, 3.0, 3.0])[1:] == (0.0, 3.0, 3.0, 3)
-    assert cmp.mean_ci([])[-1] == 0
+    assert aggregation.mean_ci([3.0, 3.0, 3.0])[1:] == (0.0, 3.0, 3.0, 3)
+    assert aggregation.mean_ci([])[-1] == 0
 
 
 def test_headline_sorts_best_first_within_each_batch_size(hand_made):
     runs, finals = hand_made
-    table = cmp.aggregate(cmp.collect_dirs(sorted(runs.iterdir()), warn=pytest.fail), reference="in_batch")
+    table = aggregation.aggregate(results.collect_dirs(sorted(runs.iterdir()), warn=pytest.fail), reference="in_batch")
     for sort, higher_better in (("gcl", False), ("lp_acc", True)):
-        headers, rows = cmp.headline(table, sort, "in_batch")
+        headers, rows = report.headline(table, sort, "in_batch")
         assert [r[1] for r in rows] == ["4", "4", "8", "8"]
         column = headers.index(next(h for h in headers if h.endswith("▲")))
         for b in ("4", "8"):
@@ -138,12 +139,12 @@ def test_headline_sorts_best_first_within_each_batch_size(hand_made):
 
 def test_plots_and_csv_round_trip(hand_made, tmp_path):
     runs, _ = hand_made
-    records = cmp.collect_dirs(sorted(runs.iterdir()), warn=pytest.fail)
+    records = results.collect_dirs(sorted(runs.iterdir()), warn=pytest.fail)
     folder = tmp_path / "cmp"
-    result = cmp.write_comparison(folder, records, reference="in_batch", sort="grad_norm_sq", title="hand-made",
+    result = report.write_comparison(folder, records, reference="in_batch", sort="grad_norm_sq", title="hand-made",
                                   command="negbench compare ...", console=Console(file=open("/dev/null", "w")))
-    assert sorted(result.plots) == sorted(cmp.PLOT_FILES)
-    for name in cmp.PLOT_FILES:
+    assert sorted(result.plots) == sorted(plots.PLOT_FILES)
+    for name in plots.PLOT_FILES:
         data = (folder / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE), name
         assert len(data) > 20_000, name
@@ -159,7 +160,7 @@ def test_plots_and_csv_round_trip(hand_made, tmp_path):
     for r in records:
         for key in ("lp_acc", "knn1_acc", "knn10_acc"):
             r.final.pop(key, None)
-    cmp.write_comparison(folder, records, reference=None, sort="gcl", title="again", command="x",
+    report.write_comparison(folder, records, reference=None, sort="gcl", title="again", command="x",
                          console=Console(file=open("/dev/null", "w")))
     assert not (folder / "accuracy.png").exists() and (folder / "cost.png").exists()
 
@@ -313,15 +314,48 @@ def test_a_sampler_incompatible_with_the_task_is_a_failed_row(tmp_path, capsys, 
 
 
 def test_parsing_and_set_routing():
-    assert cmp.parse_seeds("3") == [0, 1, 2]
-    assert cmp.parse_seeds("0,5") == [0, 5]
-    specs = cmp.parse_sampler_specs("simclr, emc2:stale=refresh:burn_in=0.25")
+    assert grid.parse_seeds("3") == [0, 1, 2]
+    assert grid.parse_seeds("0,5") == [0, 5]
+    specs = grid.parse_sampler_specs("simclr, emc2:stale=refresh:burn_in=0.25")
     assert [s.label for s in specs] == ["in_batch", "emc2:stale=refresh:burn_in=0.25"]
     assert specs[1].params == (("stale", "refresh"), ("burn_in", "0.25"))
-    everything = [s.label for s in cmp.parse_sampler_specs("all")]
+    everything = [s.label for s in grid.parse_sampler_specs("all")]
     assert "emc2" in everything and "emc2:stale=refresh" in everything and "uniform" in everything
-    routed = cmp.route_set_options(["burn_in=0.3", "num_items=24", "task.dim=8"], ["uniform", "emc2"], "synthetic")
+    routed = grid.route_set_options(["burn_in=0.3", "num_items=24", "task.dim=8"], ["uniform", "emc2"], "synthetic")
     assert routed["emc2"] == ({"burn_in": "0.3"}, {"num_items": "24", "dim": "8"})
     assert routed["uniform"] == ({}, {"num_items": "24", "dim": "8"})
     with pytest.raises(UserError, match="unknown --set key 'stale'"):
-        cmp.route_set_options(["stale=refresh"], ["uniform"], "synthetic")
+        grid.route_set_options(["stale=refresh"], ["uniform"], "synthetic")
+
+
+def test_run_grid_takes_any_cells_and_a_per_cell_runner():
+    """The grid machinery a rate study or --jobs reuses: each cell goes to the given runner;
+    a raising cell is recorded and the rest run, a busy one is left alone, an interrupted
+    run stops the grid."""
+    from negbench.config import RunConfig
+
+    spec = grid.parse_sampler_spec("uniform")
+    cells = [grid.Cell(spec, 4, seed, RunConfig(sampler="uniform", seed=seed)) for seed in range(5)]
+    cells[1].error = "cannot run here"  # marked before the grid runs: never handed to the runner
+    seen = []
+
+    def fake(cell, console):
+        seen.append(cell.seed)
+        if cell.seed == 2:
+            raise RuntimeError("boom\nsecond line")
+        if cell.seed == 3:
+            raise runner.RunFolderBusy("held")
+        return grid.CellOutcome(skipped=cell.seed == 0, interrupted=False)
+
+    console = Console(file=open("/dev/null", "w"))
+    assert grid.run_grid(cells, console, run_one=fake, title="rate")
+    assert seen == [0, 2, 3, 4]
+    assert [c.ran for c in cells] == [False, False, False, False, True]
+    assert cells[2].error == "RuntimeError: boom second line" and cells[3].busy and cells[3].error is None
+    assert cells[1].error == "cannot run here" and cells[2].name == "uniform B=4 seed 2"
+
+    stop = [grid.Cell(spec, 4, seed, RunConfig(sampler="uniform", seed=seed)) for seed in range(3)]
+    seen.clear()
+    interrupted = lambda cell, console: (seen.append(cell.seed), grid.CellOutcome(False, cell.seed == 1))[1]  # noqa: E731
+    assert not grid.run_grid(stop, console, run_one=interrupted)
+    assert seen == [0, 1]

@@ -41,3 +41,39 @@ def test_every_registered_sampler_is_in_the_readme_table():
     for name in SAMPLERS.names():
         if SAMPLERS.get_class(name).__module__.startswith("negbench.samplers."):
             assert f"| `{name}`" in README, name
+
+
+DESIGN = (ROOT / "docs" / "design.md").read_text()
+#: "DESIGN §2.1", "design.md §6", "docs/design.md §4" (the last dot of a sentence is not part of it)
+SECTION_REF = re.compile(r"(?:DESIGN|design\.md) §(\d+(?:\.\d+)*)")
+
+
+def design_sections() -> set[str]:
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)*)\.? ", DESIGN, re.M))
+
+
+def test_every_design_reference_points_to_a_section_of_docs_design():
+    sections = design_sections()
+    assert {"1", "1.1", "1.2", "1.3", "2", "2.1", "2.2", "3", "4", "5", "6", "7"} <= sections
+    files = [ROOT / "README.md", ROOT / "results" / "README.md", *(ROOT / "docs").glob("*.md")]
+    for folder in ("negbench", "samplers", "tasks", "tests"):
+        files += sorted((ROOT / folder).rglob("*.py"))
+    found = 0
+    for path in files:
+        for ref in SECTION_REF.findall(path.read_text(encoding="utf-8")):
+            found += 1
+            assert ref in sections, f"{path.relative_to(ROOT)} cites §{ref}, which docs/design.md does not have"
+    assert found > 20  # the references are there to check
+
+
+def test_design_metric_table_is_the_registry():
+    from negbench.metric_registry import markdown_table
+
+    copy = DESIGN.split("<!-- metrics:begin -->\n", 1)[1].split("\n<!-- metrics:end -->", 1)[0]
+    assert copy.strip() == markdown_table(), "regenerate docs/design.md §4 from metric_registry.markdown_table()"
+
+
+def test_design_module_map_lists_every_framework_module():
+    modules = {p.name for p in (ROOT / "negbench").glob("*.py") if p.name not in ("__main__.py",)}
+    missing = [m for m in sorted(modules) if f"negbench/{m}" not in DESIGN]
+    assert not missing, f"docs/design.md §5 does not list {missing}"

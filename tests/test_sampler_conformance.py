@@ -1,17 +1,24 @@
-"""Conformance suite run over every registered sampler (a new sampler is tested the day it
-is added): shapes, W ≥ 0 and finite, 0 on invalid pairs, seeded determinism, state_dict
-round trip (with the diagnostics' accumulators), declared metadata."""
+"""The conformance suite (:mod:`negbench.conformance`, the checks ``negbench check`` runs on
+a plugin) over every registered sampler and task: a new sampler or task is tested the day it
+is added. Plus what only built-ins must satisfy (they live in the package, their module
+states the maths at length), and ``negbench check`` itself on plugins from outside the
+repository."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import re
+import textwrap
+from pathlib import Path
 
-from negbench import list_samplers
-from negbench.registry import SAMPLERS
-from samplerkit import bound_sampler, frozen_views, run_steps
+import pytest
+
+from clikit import invoke
+from negbench import list_samplers, list_tasks
+from negbench.conformance import SAMPLER_CHECKS, TASK_CHECKS, run_check
+from negbench.registry import SAMPLERS, TASKS
 
 ALL = list_samplers()
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_registry_has_the_design_samplers():
@@ -21,71 +28,93 @@ def test_registry_has_the_design_samplers():
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_metadata(name):
+def test_builtin_sampler_lives_in_the_package_and_states_its_maths(name):
     cls = SAMPLERS.get_class(name)
-    assert cls.description and "\n" not in cls.description
     assert cls.__module__.startswith("negbench.samplers.")
     module_doc = __import__(cls.__module__, fromlist=["x"]).__doc__
     assert module_doc and len(module_doc) > 100, "each sampler module states its maths"
-    cls(**cls.test_params)  # the tiny configuration is valid
 
 
+@pytest.mark.parametrize("check", SAMPLER_CHECKS, ids=lambda c: c.id)
 @pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("finite", [True, False])
-def test_weights_shape_sign_and_support(name, finite):
-    cls = SAMPLERS.get_class(name)
-    if cls.requires_finite_views and not finite:
-        pytest.skip("finite-view sampler")
-    views = frozen_views()
-    sampler = bound_sampler(name, m=2 if finite else None)
-    for batch, weights in run_steps(sampler, views, steps=6, batch_size=6):
-        a, c = batch.num_anchors, batch.candidate_items.numel()
-        assert weights.shape == (a, c)
-        assert torch.isfinite(weights).all() and (weights >= 0).all()
-        assert not weights.requires_grad
-        allowed = batch.valid.clone()
-        allowed[torch.arange(a), batch.positive] = True  # a sampler may weigh the positive
-        assert (weights[~allowed] == 0).all(), f"{name} puts weight on invalid pairs"
-        if cls.normalised_weights:
-            assert (weights.sum(1) <= 1 + 1e-5).all()
+def test_sampler_conformance(name, check):
+    verdict = run_check(check, name)
+    if verdict.status == "skip":
+        pytest.skip(verdict.message)
+    assert verdict.status == "pass", verdict.line()
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_seeded_determinism(name):
-    views = frozen_views()
-    first = [w for _, w in run_steps(bound_sampler(name, seed=3), views, steps=5, batch_size=5)]
-    second = [w for _, w in run_steps(bound_sampler(name, seed=3), views, steps=5, batch_size=5)]
-    for w1, w2 in zip(first, second):
-        torch.testing.assert_close(w1, w2, rtol=0, atol=0)
+@pytest.mark.parametrize("check", TASK_CHECKS, ids=lambda c: c.id)
+@pytest.mark.parametrize("name", list_tasks())
+def test_task_conformance(name, check):
+    verdict = run_check(check, name)
+    if verdict.status == "skip":
+        pytest.skip(verdict.message)
+    assert verdict.status == "pass", verdict.line()
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_state_dict_round_trip_resumes_identically(name):
-    views = frozen_views()
-    reference = bound_sampler(name, seed=1)
-    run_steps(reference, views, steps=4, batch_size=5, seed=7)
-    state = reference.state_dict()
-    diagnostics = reference.diagnostics_state()  # mid-window: 4 steps accumulated, not yet reported
-    generator_state = reference.generator.get_state()
-    expected = run_steps(reference, views, steps=2, batch_size=5, seed=8)
-
-    resumed = bound_sampler(name, seed=999)
-    resumed.load_state_dict(state)
-    resumed.load_diagnostics_state(diagnostics)
-    resumed.generator.set_state(generator_state)
-    got = run_steps(resumed, views, steps=2, batch_size=5, seed=8)
-    # the diagnostics of the window cover the steps before the snapshot too
-    assert resumed.diagnostics() == reference.diagnostics()
-    for (b1, w1), (b2, w2) in zip(expected, got):
-        torch.testing.assert_close(w1, w2, rtol=0, atol=0)
-        # the same extras too: W alone does not show which items a sampler drew
-        assert torch.equal(b1.candidate_items, b2.candidate_items)
-        assert torch.equal(b1.candidate_views, b2.candidate_views)
-    assert resumed.state_bytes() == reference.state_bytes()
+@pytest.fixture()
+def restore_registries():
+    """Unregister what a test's plugins registered, so later tests see the built-ins only."""
+    saved = [(r, dict(r._classes), dict(r._aliases), dict(r.failures)) for r in (SAMPLERS, TASKS)]
+    yield
+    for registry, classes, aliases, failures in saved:
+        registry._classes, registry._aliases, registry.failures = classes, aliases, failures
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_state_bytes_counts_the_state(name):
-    sampler = bound_sampler(name)
-    expected = sum(t.numel() * t.element_size() for t in sampler.state_dict().values() if isinstance(t, torch.Tensor))
-    assert sampler.state_bytes() == expected
+def readme_plugin() -> str:
+    """The plugin example of the README's "Adding a sampler" section, as written there."""
+    section = README.read_text(encoding="utf-8").split("## Adding a sampler", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_check_passes_on_the_readme_plugin(tmp_path, capsys, restore_registries):
+    path = tmp_path / "readme_sampler.py"
+    path.write_text(readme_plugin())
+    code, out, err = invoke(capsys, "check", str(path))
+    assert code == 0, out + err
+    lines = out.strip().splitlines()
+    assert len(lines) == len(SAMPLER_CHECKS) + 1  # one verdict per check, then the count
+    assert all(line.startswith("PASS  sampler plugin_uniform  ") for line in lines[:-1])
+    assert lines[-1] == f"{len(SAMPLER_CHECKS)} passed, 0 failed, 0 skipped"
+
+
+WRONG_SHAPE = textwrap.dedent('''
+    """A broken plugin: W misses the last candidate column."""
+    from negbench import Sampler, register_sampler
+
+    @register_sampler("plugin_wrong_shape")
+    class WrongShape(Sampler):
+        description = "Uniform weights with one column too few."
+
+        def weigh(self, sims, batch):
+            valid = batch.in_batch_valid.to(sims.dtype)
+            return (valid / valid.sum(1, keepdim=True).clamp_min(1))[:, :-1]
+''')
+
+
+def test_check_fails_with_a_clear_line_on_a_wrong_shaped_w(tmp_path, capsys, restore_registries):
+    path = tmp_path / "wrong_shape.py"
+    path.write_text(WRONG_SHAPE)
+    code, out, _ = invoke(capsys, "check", str(path))
+    assert code == 1
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert failed, out
+    assert ("FAIL  sampler plugin_wrong_shape  W on a finite-view task: shape, finite, >= 0, detached, 0 off "
+            "support: step 0: W has shape (12, 11), expected (anchors, candidates) = (12, 12)") in failed
+    assert out.strip().splitlines()[-1].startswith(f"{len(SAMPLER_CHECKS) - len(failed)} passed, {len(failed)} failed")
+    assert "plugin_wrong_shape weights_finite_views" in out.strip().splitlines()[-1]
+
+
+def test_check_of_a_file_registering_nothing_is_a_user_error(tmp_path, capsys, restore_registries):
+    path = tmp_path / "empty_plugin.py"
+    path.write_text('"""Nothing here."""\n')
+    code, _, err = invoke(capsys, "check", str(path))
+    assert code == 2 and "registers no sampler or task" in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_of_a_plugin_that_fails_to_import(tmp_path, capsys, restore_registries):
+    path = tmp_path / "import_error_plugin.py"
+    path.write_text("import no_such_module_for_check\n")
+    code, out, _ = invoke(capsys, "check", str(path))
+    assert code == 1 and "FAIL  plugin import_error_plugin.py  imports: ModuleNotFoundError" in out
