@@ -217,7 +217,8 @@ def test_a_second_run_of_the_same_config_is_refused_while_the_first_runs(tmp_pat
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = negbench_process(args, tmp_path)
     try:
-        run_dir = wait_for(out, "*/" + METRICS, first).parent  # the first holds the lock and is training
+        # the first holds the lock and is training: its step-0 row and checkpoint are written
+        run_dir = wait_for(out, "*/" + CHECKPOINT, first).parent
         before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".lock"}
         _, err = second.communicate("go\n", timeout=120)
         assert second.returncode == 2, err
