@@ -8,6 +8,7 @@ Python API::
     F = negbench.gcl_loss(views, beta=5.0)          # exact global contrastive loss
     q = negbench.negative_distribution(sampler, views, 5.0, batch_size=8, steps=100, anchors=[0, 1], seed=0)
     outcome = negbench.run(negbench.RunConfig(sampler="emc2", task="digits", steps=200))
+    criterion = negbench.ContrastiveLoss("emc2", num_items=N)   # loss = criterion(z1, z2, index)
 
 Plugin authors (and the built-in samplers and tasks) import everything from here::
 
@@ -25,6 +26,7 @@ from negbench.config import RunConfig  # noqa: E402
 from negbench.distribution import negative_distribution, sampling_tv  # noqa: E402
 from negbench.encoders import Encoder, make_encoder  # noqa: E402
 from negbench.errors import UserError  # noqa: E402
+from negbench.loss import ContrastiveLoss  # noqa: E402
 from negbench.metric_registry import Metric  # noqa: E402
 from negbench.objective import exact_gradient, gcl_loss, surrogate_loss  # noqa: E402
 from negbench.params import Param  # noqa: E402
@@ -73,7 +75,8 @@ def run(config: RunConfig, *, console: "Console | None" = None, show_progress: b
 
 
 __all__ = [
-    "Batch", "EncodeFn", "Encoder", "EvalData", "Extras", "FiniteViewTask", "Metric", "Param", "RunConfig", "Sampler",
+    "Batch", "ContrastiveLoss", "EncodeFn", "Encoder", "EvalData", "Extras", "FiniteViewTask", "Metric", "Param",
+    "RunConfig", "Sampler",
     "SamplerContext", "Task", "UserError", "exact_gradient", "gcl_loss", "get_sampler", "get_task",
     "list_samplers", "list_tasks", "load_plugin", "make_encoder", "negative_distribution", "register_sampler",
     "register_task", "run", "sampling_tv", "surrogate_loss",

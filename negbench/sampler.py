@@ -214,6 +214,14 @@ class Sampler(Configurable):
         declared in ``diagnostic_metrics``."""
         return {}
 
+    def needs_encoder(self) -> bool:
+        """Whether, with its parameters, this sampler may ask for extras (:meth:`propose`) or
+        re-encode caches (:meth:`refresh`): then a library user must hand
+        :class:`negbench.ContrastiveLoss` an ``encode`` callable. Default: whether the class
+        overrides either method; override it when a parameter decides (e.g. ``emc2 stale``)."""
+        cls = type(self)
+        return cls.propose is not Sampler.propose or cls.refresh is not Sampler.refresh
+
     # ---- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).clone() for name in self.state_attributes}

@@ -261,6 +261,9 @@ class EMC2Sampler(Sampler):
         return items
 
     # ---- protocol ------------------------------------------------------------------------
+    def needs_encoder(self) -> bool:
+        return self.stale == "refresh"  # stale=drop never asks for extras
+
     def propose(self, batch: Batch) -> Extras | None:
         if self.stale != "refresh":
             return None
