@@ -49,6 +49,7 @@ on CUDA, except ``emc2 stale=refresh``, whose number of extras is data-dependent
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Callable
 
@@ -81,7 +82,7 @@ class ContrastiveLoss(nn.Module):
                  num_views: int | None = None, dim: int | None = None, seed: int = 0,
                  gather_distributed: bool = True, validate: bool = True, **sampler_params: Any) -> None:
         super().__init__()
-        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 2:
+        if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral) or num_items < 2:
             raise UserError(f"num_items must be the number of items in your data set (an integer >= 2), got {num_items!r}")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
             raise UserError(f"beta must be a finite number > 0 (the inverse temperature 1/tau), got {beta!r}")
@@ -90,7 +91,7 @@ class ContrastiveLoss(nn.Module):
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise UserError(f"dim must be None or a positive integer (the embedding dimension), got {dim!r}")
         self.sampler: Sampler = SAMPLERS.get_class(sampler)(**sampler_params)
-        self.num_items, self.num_views, self.beta = num_items, num_views, float(beta)
+        self.num_items, self.num_views, self.beta = int(num_items), num_views, float(beta)
         self.seed, self.gather_distributed, self.validate = seed, gather_distributed, validate
         self._dim_given = dim is not None
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
@@ -226,10 +227,16 @@ class ContrastiveLoss(nn.Module):
                 self.sampler.refresh(lambda it, vw: self._encode(encode, it, vw, anchor_emb, gather))  # type: ignore[arg-type]
             self._pending_refresh = False
         batch = Batch.from_anchors(items.repeat_interleave(2), views.reshape(-1), anchor_emb.detach())
+        generator_state, diagnostics = self.generator.get_state(), self.sampler.diagnostics_state()
         extras = self.sampler.propose(batch)
         candidate_emb = anchor_emb
         if extras is not None and extras.items.numel():
-            extra_emb = self._encode(encode, extras.items, extras.views, anchor_emb, gather)  # type: ignore[arg-type]
+            try:
+                extra_emb = self._encode(encode, extras.items, extras.views, anchor_emb, gather)  # type: ignore[arg-type]
+            except UserError:  # a wrong encode output: undo the draw, as if never called
+                self.generator.set_state(generator_state)
+                self.sampler.load_diagnostics_state(diagnostics)
+                raise
             batch = batch.with_extras(extras)
             candidate_emb = torch.cat([anchor_emb, extra_emb])
         with torch.no_grad():

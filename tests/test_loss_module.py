@@ -156,7 +156,7 @@ def _loop(criterion: ContrastiveLoss, model: nn.Module, opt: torch.optim.Optimiz
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
@@ -294,6 +294,16 @@ def test_bad_input_is_one_sentence_and_changes_nothing(name, case):
             assert repr(after[key]["other_state"]) == repr(value["other_state"])
 
 
+def test_a_wrong_encode_output_is_refused_and_changes_nothing():
+    criterion = ContrastiveLoss("importance", num_items=N, k=4)
+    good = lambda items, views: torch.randn(items.numel(), D)  # noqa: E731
+    criterion(**_good(), encode=good)
+    generator = criterion.generator.get_state()
+    with pytest.raises(UserError, match=r"must return \(4, 6\)"):
+        criterion(**_good(), encode=lambda items, views: torch.randn(items.numel() + 1, D))
+    assert torch.equal(criterion.generator.get_state(), generator)
+
+
 @pytest.mark.parametrize("name", ["importance", "neg_cache", "full_softmax"])
 def test_samplers_that_need_more_than_the_batch_ask_for_encode(name):
     criterion = ContrastiveLoss(name, num_items=N, num_views=2 if name == "full_softmax" else None)
@@ -346,3 +356,15 @@ def test_on_cuda_a_call_does_not_synchronise_with_the_host(name):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("views, message", [
+    (torch.tensor([[0, 0]] * B), "two different view ids"), (torch.tensor([[0, 3]] * B), r"in \[0, 3\)"),
+    (torch.zeros(B, 3, dtype=torch.long), r"integer \(8, 2\) tensor"), (torch.zeros(B, 2), r"integer \(8, 2\) tensor"),
+])
+def test_bad_view_ids_on_a_finite_view_set(views, message):
+    criterion = ContrastiveLoss("emc2", num_items=N, num_views=3)
+    before = copy.deepcopy(criterion.state_dict())
+    with pytest.raises(UserError, match=message):
+        criterion(**_good(), views=views)
+    assert all(torch.equal(criterion.state_dict()[k], v) for k, v in before.items() if isinstance(v, torch.Tensor))
