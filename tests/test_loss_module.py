@@ -80,11 +80,12 @@ def test_gradient_equals_the_runners_for_the_same_state_and_random_stream(varian
         trainer = _trainer(spec, tmp_path)
         for _ in range(WARM):
             trainer.train_step()
-        task = trainer.task
-        criterion = ContrastiveLoss(spec.sampler, num_items=task.num_items, beta=5.0, num_views=task.num_views,
-                                    dim=trainer.model.dim, **trainer.sampler.config)
+        # the runner's surface used here: prepare, Trainer, train_step, and its model, params, sampler
+        ctx = trainer.sampler.context
+        criterion = ContrastiveLoss(spec.sampler, num_items=ctx.num_items, beta=ctx.beta, num_views=ctx.num_views,
+                                    dim=ctx.dim, **trainer.sampler.config)
         criterion.sampler.load_state_dict(trainer.sampler.state_dict())  # the runner's state ...
-        criterion.generator.set_state(trainer.sampler_generator.get_state())  # ... and random stream
+        criterion.generator.set_state(trainer.sampler.generator.get_state())  # ... and random stream
         record = _Recorder(trainer)
         carried_refresh: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
         used_extras = 0
@@ -99,7 +100,7 @@ def test_gradient_equals_the_runners_for_the_same_state_and_random_stream(varian
 
             [batch] = record.batches
             z = model(grad_inputs[0])
-            views = batch.anchor_views.reshape(-1, 2) if task.num_views else None
+            views = batch.anchor_views.reshape(-1, 2) if ctx.num_views else None
             extra_queue = list(zip(record.extras, grad_inputs[1:]))
             refresh_queue = carried_refresh
 
