@@ -134,7 +134,9 @@ def test_gradient_equals_the_runners_for_the_same_state_and_random_stream(varian
 
 
 def test_every_registered_sampler_is_compared():
-    assert {v.sampler for v in VARIANTS.values()} == set(list_samplers())
+    # built-ins (one file in samplers/ each); plugins other tests register later are not in VARIANTS
+    built_in = {n for n in list_samplers() if SAMPLERS.get_class(n).__module__.startswith("negbench.samplers.")}
+    assert {v.sampler for v in VARIANTS.values()} >= built_in
 
 
 # ---- a training loop of one's own, checkpointed --------------------------------------------------
