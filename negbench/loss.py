@@ -187,7 +187,7 @@ class ContrastiveLoss(nn.Module):
     # ---- the loss --------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float | None]:
         """The sampler's diagnostics accumulated since the last call (e.g. emc2's
-        ``accept_rate``, ``stale_frac``, ``empty_frac``, ``chain_age``), then reset."""
+        acceptance rate and stale fraction; the keys its ``diagnostic_metrics`` declare), then reset."""
         self._push()
         return self.sampler.diagnostics()
 
