@@ -33,9 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from negbench.params import Param
-from negbench.registry import register_sampler
-from negbench.sampler import Batch, Sampler
+from negbench import Batch, Param, register_sampler, Sampler
 
 
 @register_sampler("dcl")

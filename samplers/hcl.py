@@ -32,8 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from negbench.params import Param
-from negbench.registry import register_sampler
+from negbench import Param, register_sampler
 from negbench.samplers.dcl import DebiasedSampler
 
 

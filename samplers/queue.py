@@ -36,10 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from negbench.errors import UserError
-from negbench.params import Param
-from negbench.registry import register_sampler
-from negbench.sampler import Batch, Extras, Sampler
+from negbench import Batch, Extras, Param, register_sampler, Sampler, UserError
 
 #: the longest queue accepted, in epochs of enqueued anchors (2N per epoch)
 MAX_EPOCHS = 16

@@ -5,7 +5,9 @@ the runner, and its checkpoint resume."""
 from __future__ import annotations
 
 import json
+import signal
 
+import faults
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from negbench.distribution import sampling_tv
 from negbench.objective import surrogate_loss
 from negbench.results import CHECKPOINT, METRICS, SUMMARY, read_rows
 from negbench.sampler import Batch, join_candidates
+from negbench.session import after_each_step
 from samplerkit import DIM, bound_sampler, frozen_views
 
 
@@ -129,17 +132,16 @@ def rows(run_dir):
     return [{k: v for k, v in r.items() if k not in MACHINE_KEYS} for r in read_rows(run_dir / METRICS, strict=True)]
 
 
-def test_a_run_stopped_mid_window_resumes_bit_identically(tmp_path, capsys, monkeypatch):
+def test_a_run_stopped_mid_window_resumes_bit_identically(tmp_path, capsys):
     code, _, err = invoke(capsys, *RUN, "--out", str(tmp_path / "ref"))
     assert code == 0, err
     [expected] = list((tmp_path / "ref").iterdir())
-    monkeypatch.setenv("NEGBENCH_TEST_KILL_AT_STEP", "6:TERM")  # the queue has wrapped by then (8 anchors a step)
-    code, _, err = invoke(capsys, *RUN, "--out", str(tmp_path / "cut"))
+    with after_each_step(faults.kill_at(6, signal.SIGTERM)):  # the queue has wrapped by then (8 anchors a step)
+        code, _, err = invoke(capsys, *RUN, "--out", str(tmp_path / "cut"))
     assert code == 130, err
     [run_dir] = list((tmp_path / "cut").iterdir())
     state = torch.load(run_dir / CHECKPOINT, weights_only=False)["sampler"]
     assert int(state["count"]) == 48 and state["queue_emb"].shape == (20, 8)
-    monkeypatch.delenv("NEGBENCH_TEST_KILL_AT_STEP")
     code, _, err = invoke(capsys, *RUN, "--out", str(tmp_path / "cut"))
     assert code == 0 and "from step 6" in err, err
     assert rows(run_dir) == rows(expected)
