@@ -257,7 +257,7 @@ class Check:
 
 SAMPLER_CHECKS: tuple[Check, ...] = (
     Check("sampler", "metadata: one-line description, module docstring, valid test_params", check_sampler_metadata),
-    Check("sampler", "W on a finite-view task: shape, finite, >= 0 (unless signed_weights), detached, 0 off support", check_weights_finite_views),
+    Check("sampler", "W on a finite-view task: shape, finite, >= 0, detached, 0 off support", check_weights_finite_views),
     Check("sampler", "W with random augmentations: the same", check_weights_random_augmentations),
     Check("sampler", "the same seed gives the same W", check_seeded_determinism),
     Check("sampler", "state_dict + diagnostics_state resume exactly", check_state_round_trip),
