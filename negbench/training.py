@@ -4,7 +4,8 @@ and the state a checkpoint needs to continue it exactly.
 Per step: B items drawn without replacement within an epoch, two views of each (A = 2B
 anchors); the anchors are encoded with gradients; the sampler may :meth:`~Sampler.propose`
 extra candidates (encoded with gradients, in two passes beyond ``EXTRA_CHUNK`` of them to bound
-memory, or given as stale constants; :func:`~negbench.sampler.join_candidates`); it weighs the candidates from the detached similarities; the surrogate
+memory, or given as stale constants: :func:`~negbench.sampler.join_candidates`); it weighs the
+candidates from the detached similarities; the surrogate
 
     ℓ = β/A · Σ_a [ Σ_c W_ac <e_a, e_c>  -  <e_a, e_a⁺> ]
 
