@@ -49,7 +49,7 @@ from negbench.distribution import draw_views
 from negbench.errors import UserError, suggest
 from negbench.registry import SAMPLERS, TASKS
 from negbench.results import atomic_write_bytes, atomic_write_json
-from negbench.sampler import Batch, Sampler, SamplerContext
+from negbench.sampler import Batch, Sampler, SamplerContext, join_candidates
 from negbench.task import Task
 from negbench.training import Trainer
 
@@ -242,8 +242,7 @@ def _sampler_step(sampler: Sampler, batch: Batch, embed: _FrozenEmbeddings, devi
         size = batch.num_anchors * (batch.num_anchors + extras.items.numel())
         if size > MAX_SIMS:
             raise _NotApplicable(f"n/a: A·C = {size:.2g} > {MAX_SIMS:.2g}")
-        candidate_emb = torch.cat([candidate_emb, embed(extras.items, extras.views)])
-        batch = batch.with_extras(extras)
+    batch, candidate_emb = join_candidates(batch, candidate_emb, extras, embed, lambda views: views)
     with watch.region(), torch.no_grad():
         sims = batch.anchor_emb @ candidate_emb.T
         sampler.weigh(sims, batch)

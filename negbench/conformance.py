@@ -7,8 +7,10 @@ Sampler checks run the sampler at frozen random unit embeddings (N = 40 items, m
 d = 6, β = 5) with its ``test_params``:
 
 - W has shape (A, C) — A = 2B anchors, C = the candidates (the batch's A views, then the
-  extras the sampler proposed) — is finite, non-negative, detached, 0 on invalid pairs (the
-  positive excepted), and rows sum to at most 1 when ``normalised_weights``;
+  extras the sampler proposed) — is finite, non-negative (unless the sampler declares
+  ``signed_weights``, as ``dcl`` and ``hcl`` do: their published losses need negative
+  weights), detached, 0 on invalid pairs (the positive excepted), and rows sum to at most 1
+  when ``normalised_weights``;
 - the same seed gives the same W; ``state_dict`` + ``diagnostics_state`` + the generator state
   resume a sampler exactly (the same W, the same extras, the same diagnostics);
 - ``state_bytes`` counts the tensors of ``state_dict``; ``diagnostics()`` returns only keys
@@ -103,7 +105,9 @@ def _check_weights(name: str, finite: bool) -> None:
         require(tuple(weights.shape) == (a, c), f"{where} has shape {tuple(weights.shape)}, expected (anchors, "
                 f"candidates) = ({a}, {c})")
         require(bool(torch.isfinite(weights).all()), f"{where} has NaN or infinite entries")
-        require(bool((weights >= 0).all()), f"{where} has negative entries")
+        if not cls.signed_weights:
+            require(bool((weights >= 0).all()), f"{where} has negative entries (set signed_weights = True if the "
+                    "sampler's loss needs them)")
         require(not weights.requires_grad, f"{where} requires grad (return detached weights)")
         allowed = batch.valid.clone()
         allowed[torch.arange(a), batch.positive] = True  # a sampler may weigh the positive

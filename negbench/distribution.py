@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from negbench.sampler import Batch, Sampler, SamplerContext
+from negbench.sampler import Batch, Sampler, SamplerContext, join_candidates
 from negbench.task import resolve_free_views
 
 __all__ = [
@@ -98,7 +98,8 @@ def frozen_step(
 ) -> tuple[Batch, Tensor]:
     """One sampler step at frozen embeddings ``views`` (N, m, d): the anchors are views
     ``item_views[k, 0]`` and ``item_views[k, 1]`` of ``items[k]``; extras the sampler asks for
-    are looked up in ``views`` (a free view -1 drawn uniformly). With ``probe_items`` (a bool
+    are looked up in ``views`` (a free view -1 drawn uniformly), stale extras taken as the
+    sampler gives them. With ``probe_items`` (a bool
     per item), anchors of probe items get no probe-item candidate. Returns the batch (with
     extras) and the sampler's weights."""
     m = views.shape[1]
@@ -111,13 +112,13 @@ def frozen_step(
         probe_rows = probe_items[anchor_items]
         batch.valid &= ~(probe_rows[:, None] & probe_rows[None, :])
     extras = sampler.propose(batch)
-    if extras is not None and extras.items.numel():
-        extras.views = resolve_free_views(extras.views, m, data_generator)
-        extra_valid = None
-        if probe_rows is not None:
-            extra_valid = ~(probe_rows[:, None] & probe_items[extras.items][None, :])
-        batch = batch.with_extras(extras, extra_valid)
-    candidate_emb = views[batch.candidate_items, batch.candidate_views]
+    extra_valid = None
+    if probe_rows is not None and extras is not None and extras.items.numel():
+        extra_valid = ~(probe_rows[:, None] & probe_items[extras.items][None, :])
+    batch, candidate_emb = join_candidates(
+        batch, anchor_emb, extras, lambda it, vw: views[it, vw],
+        lambda vw: resolve_free_views(vw, m, data_generator), extra_valid,
+    )
     weights = sampler.weigh(anchor_emb @ candidate_emb.T, batch)
     sampler.refresh(lambda it, vw: views[it, torch.where(vw < 0, 0, vw)])
     return batch, weights

@@ -61,7 +61,7 @@ from negbench import distributed
 from negbench.errors import UserError
 from negbench.objective import surrogate_loss
 from negbench.registry import SAMPLERS
-from negbench.sampler import Batch, EncodeFn, Sampler, SamplerContext
+from negbench.sampler import Batch, EncodeFn, Sampler, SamplerContext, join_candidates
 
 __all__ = ["ContrastiveLoss"]
 
@@ -229,16 +229,14 @@ class ContrastiveLoss(nn.Module):
         batch = Batch.from_anchors(items.repeat_interleave(2), views.reshape(-1), anchor_emb.detach())
         generator_state, diagnostics = self.generator.get_state(), self.sampler.diagnostics_state()
         extras = self.sampler.propose(batch)
-        candidate_emb = anchor_emb
-        if extras is not None and extras.items.numel():
-            try:
-                extra_emb = self._encode(encode, extras.items, extras.views, anchor_emb, gather)  # type: ignore[arg-type]
-            except UserError:  # a wrong encode output: undo the draw, as if never called
-                self.generator.set_state(generator_state)
-                self.sampler.load_diagnostics_state(diagnostics)
-                raise
-            batch = batch.with_extras(extras)
-            candidate_emb = torch.cat([anchor_emb, extra_emb])
+        try:  # the runner's one way for extras to join the candidates (stale ones need no encode)
+            batch, candidate_emb = join_candidates(
+                batch, anchor_emb, extras, lambda it, vw: self._encode(encode, it, vw, anchor_emb, gather),  # type: ignore[arg-type]
+                resolve_views=lambda vw: vw)  # free views (-1) are the user's encode's to choose
+        except UserError:  # a wrong encode output: undo the draw, as if never called
+            self.generator.set_state(generator_state)
+            self.sampler.load_diagnostics_state(diagnostics)
+            raise
         with torch.no_grad():
             sims = batch.anchor_emb @ candidate_emb.detach().T
             weights = self.sampler.weigh(sims, batch)

@@ -15,7 +15,7 @@ _FALSE = {"false", "0", "no", "off"}
 @dataclass(frozen=True)
 class Param:
     """One parameter: its default (whose type is the parameter's type), a help line, and
-    optional bounds (``low``/``high`` inclusive unless ``low_open``) or ``choices``."""
+    optional bounds (``low``/``high`` inclusive unless ``low_open``/``high_open``) or ``choices``."""
 
     default: Any
     help: str
@@ -23,6 +23,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
 
     @property
     def kind(self) -> type:
@@ -33,7 +34,7 @@ class Param:
         if self.low is None and self.high is None:
             return ""
         lo = "(-inf" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
-        hi = "inf)" if self.high is None else f"{self.high:g}]"
+        hi = "inf)" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
         return f"{lo}, {hi}"
 
     def describe(self) -> str:
@@ -76,7 +77,7 @@ class Param:
                 + suggest(str(value), self.choices)
             )
         too_low = self.low is not None and (value < self.low or (self.low_open and value == self.low))
-        too_high = self.high is not None and value > self.high
+        too_high = self.high is not None and (value > self.high or (self.high_open and value == self.high))
         if too_low or too_high:
             raise UserError(f"{where} must be in {self.range_text()}, got {value!r}")
         return value

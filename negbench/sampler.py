@@ -3,16 +3,26 @@
 Per training step the runner draws B items and two views of each: A = 2B anchors, ordered so
 that anchor ``2k + v`` is view ``v`` of the k-th batch item. The candidates are those A
 anchor views (in the same order) followed by any extra views the sampler asked for. A
-sampler returns a detached, non-negative weight matrix W (A × C); the training loss is
+sampler returns a detached weight matrix W (A × C), non-negative unless the sampler sets
+``signed_weights``; the training loss is
 
     ℓ = β/A · Σ_a [ Σ_c W_ac <e_a, e_c>  -  <e_a, e_a⁺> ]
 
 and its gradient is the sampler's estimate of ∇F. Per step the runner calls, in order:
 
-1. ``propose(batch)``   → extra views to encode (default: none);
-2. the runner encodes the extras with gradients and builds the candidate set;
+1. ``propose(batch)``   → extra views (default: none): views to encode with gradients, or
+   stale, gradient-free embeddings given with them (``Extras.embeddings``);
+2. :func:`join_candidates` builds the candidate set (the runner, ``negative_distribution`` and
+   ``negbench bench`` all go through it);
 3. ``weigh(sims, batch)`` → W, updating the sampler's per-item state;
 4. ``refresh(encode)``  → optional no-grad re-encoding (caches).
+
+**Signed weights.** A sampler whose published loss is not a softmax cross-entropy may need
+weights of either sign to make ∇ℓ equal that loss's gradient: the debiased estimators (``dcl``,
+``hcl``) subtract τ⁺·N times the positive's term, so the positive column gets a negative weight,
+and ``hcl``'s importance weights, differentiated, give easy negatives a negative one. Such a
+sampler sets ``signed_weights = True``; the conformance suite's W ≥ 0 rule holds for every
+other sampler (W must still be finite and 0 off the valid pairs and the positive).
 """
 
 from __future__ import annotations
@@ -52,11 +62,23 @@ class SamplerContext:
 class Extras:
     """Extra candidate views a sampler asks for. ``views[k] = -1`` lets the task choose the
     view (a fresh augmentation, or a uniformly random fixed view). ``owner[k]`` (optional)
-    restricts extra k to one anchor; without it every anchor may use it."""
+    restricts extra k to one anchor; without it every anchor may use it.
+
+    ``embeddings`` (optional, K × d) makes the extras **stale constants**: candidates given by
+    the sampler as detached embeddings (e.g. a queue of past anchors) instead of views to
+    encode. They are not encoded and carry no gradient — ∂ℓ/∂e_c reaches only the anchors
+    through them — and ``views`` must then name real views (no -1), which label the columns
+    (e.g. for ``sampling_tv``). Every rank holds the same sampler state, so they need no
+    gathering in distributed runs."""
 
     items: Tensor
     views: Tensor
     owner: Tensor | None = None
+    embeddings: Tensor | None = None
+
+    @property
+    def stale(self) -> bool:
+        return self.embeddings is not None
 
 
 @dataclass
@@ -136,6 +158,8 @@ class Sampler(Configurable):
     """
 
     kind_label: ClassVar[str] = "sampler"
+    #: W may hold negative entries (module docstring, "Signed weights"); False: W ≥ 0
+    signed_weights: ClassVar[bool] = False
     #: needs a finite view set (exact over every view); refused on random-augmentation tasks
     requires_finite_views: ClassVar[bool] = False
     #: each row of W sums to 1 (0 for an anchor without candidates); False for reweighting
@@ -202,8 +226,9 @@ class Sampler(Configurable):
         return None
 
     def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
-        """The weight matrix W (A × C), non-negative, 0 on invalid pairs. ``sims`` holds the
-        detached cosine similarities <e_a, e_c>."""
+        """The weight matrix W (A × C), 0 on invalid pairs (except, optionally, the positive),
+        non-negative unless ``signed_weights``. ``sims`` holds the detached cosine similarities
+        <e_a, e_c>."""
         raise NotImplementedError
 
     def refresh(self, encode: EncodeFn) -> None:
@@ -261,3 +286,29 @@ class Sampler(Configurable):
         logits = (self.beta * sims).masked_fill(~valid, float("-inf"))
         weights = torch.softmax(logits, dim=1)
         return torch.nan_to_num(weights, nan=0.0)
+
+
+def join_candidates(
+    batch: Batch,
+    anchor_emb: Tensor,
+    extras: Extras | None,
+    encode: EncodeFn,
+    resolve_views: Callable[[Tensor], Tensor],
+    extra_valid: Tensor | None = None,
+) -> tuple[Batch, Tensor]:
+    """The candidate set of a step: ``(batch with the extras, candidate embeddings)``.
+
+    The one place where extras become candidates. Encoded extras get their free views (-1)
+    resolved by ``resolve_views`` and their embeddings from ``encode(items, views)`` (with
+    gradients in training); stale extras (``extras.embeddings``) are appended as given,
+    detached, in ``anchor_emb``'s dtype. ``extra_valid`` (A × K) restricts the extras' validity
+    further (:meth:`Batch.with_extras`)."""
+    if extras is None or extras.items.numel() == 0:
+        return batch, anchor_emb
+    if extras.stale:
+        assert extras.embeddings is not None and not bool((extras.views < 0).any()), "stale extras name their views"
+        extra_emb = extras.embeddings.detach().to(device=anchor_emb.device, dtype=anchor_emb.dtype)
+    else:
+        extras = replace(extras, views=resolve_views(extras.views))
+        extra_emb = encode(extras.items, extras.views)
+    return batch.with_extras(extras, extra_valid), torch.cat([anchor_emb, extra_emb])

@@ -4,7 +4,8 @@ and the state a checkpoint needs to continue it exactly.
 Per step: B items drawn without replacement within an epoch, two views of each (A = 2B
 anchors); the anchors are encoded with gradients; the sampler may :meth:`~Sampler.propose`
 extra candidates (encoded with gradients, in two passes beyond ``EXTRA_CHUNK`` of them to bound
-memory); it weighs the candidates from the detached similarities; the surrogate
+memory, or given as stale constants: :func:`~negbench.sampler.join_candidates`); it weighs the
+candidates from the detached similarities; the surrogate
 
     ℓ = β/A · Σ_a [ Σ_c W_ac <e_a, e_c>  -  <e_a, e_a⁺> ]
 
@@ -31,7 +32,7 @@ from negbench.encoders import full_precision
 from negbench.objective import exact_gradient
 from negbench.registry import SAMPLERS
 from negbench.resolution import Prepared, ResolvedRun, resolve
-from negbench.sampler import Batch, Sampler, SamplerContext
+from negbench.sampler import Batch, Sampler, SamplerContext, join_candidates
 from negbench.task import Task, resolve_free_views
 
 #: steps at the start of a run (or a resume) left out of the timing medians
@@ -220,19 +221,9 @@ class Trainer:
         self.sync()
         sampler_seconds = time.perf_counter() - t_sampler
 
-        extra_emb, extra_inputs, two_pass = None, None, False
-        if extras is not None and extras.items.numel():
-            extras.views = self.resolve_views(extras.views)
-            extra_inputs = self.shard_inputs(extras.items, extras.views)
-            two_pass = extras.items.numel() > EXTRA_CHUNK
-            if two_pass:
-                with torch.no_grad():
-                    extra_emb = torch.cat([self.model(extra_inputs[s : s + EXTRA_CHUNK]) for s in range(0, extra_inputs.shape[0], EXTRA_CHUNK)])
-            else:
-                extra_emb = self.model(extra_inputs)
-            extra_emb = distributed.gather_rows(extra_emb, extras.items.numel())
-            batch = batch.with_extras(extras)
-        candidate_emb = anchor_emb if extra_emb is None else torch.cat([anchor_emb, extra_emb])
+        self._two_pass_inputs = None
+        batch, candidate_emb = join_candidates(batch, anchor_emb, extras, self.encode_extras, self.resolve_views)
+        extra_inputs, self._two_pass_inputs = self._two_pass_inputs, None
 
         self.sync()
         t_sampler = time.perf_counter()
@@ -245,7 +236,7 @@ class Trainer:
         loss = distributed.rank_loss(anchor_emb, candidate_emb, weights, batch.positive, self.beta)
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        if two_pass and extra_inputs is not None:
+        if extra_inputs is not None:
             self._backward_extras(extra_inputs, weights, anchor_emb.detach(), batch.num_anchors)
 
         loss_value = distributed.sum_gradients(self.params, loss)
@@ -267,6 +258,21 @@ class Trainer:
         self.window.loss_sum += loss_value
         self.window.loss_count += 1
         return loss_value
+
+    _two_pass_inputs: Tensor | None = None
+
+    def encode_extras(self, items: Tensor, views: Tensor) -> Tensor:
+        """Embeddings of a step's encoded extras, with gradients, identical on every rank. More
+        than ``EXTRA_CHUNK`` of them are encoded without a graph here and pulled back by
+        :meth:`_backward_extras` after the backward pass (their inputs wait in ``_two_pass_inputs``)."""
+        extra_inputs = self.shard_inputs(items, views)
+        if items.numel() > EXTRA_CHUNK:
+            with torch.no_grad():
+                extra_emb = torch.cat([self.model(extra_inputs[s : s + EXTRA_CHUNK]) for s in range(0, extra_inputs.shape[0], EXTRA_CHUNK)])
+            self._two_pass_inputs = extra_inputs
+        else:
+            extra_emb = self.model(extra_inputs)
+        return distributed.gather_rows(extra_emb, items.numel())
 
     def _backward_extras(self, extra_inputs: Tensor, weights: Tensor, anchor_emb: Tensor, num_anchors: int) -> None:
         """The second pass for extras encoded without gradients: ∂ℓ/∂e_c = β/A Σ_a W_ac e_a,

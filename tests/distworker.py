@@ -69,6 +69,7 @@ EXTRA_VARIANTS = {
     "full_softmax-two-pass": Variant("full_softmax", {}, extra_chunk=10),  # 48 extras in chunks of 10
     "in_batch-augmented": Variant("in_batch", {}, task=AUGMENTED_TASK),
     "emc2-augmented-stale-refresh": Variant("emc2", {"stale": "refresh"}, task=AUGMENTED_TASK),
+    "queue-augmented": Variant("queue", {}, task=AUGMENTED_TASK),
 }
 
 
