@@ -12,9 +12,10 @@ its modification time every ``ttl / 4`` seconds from a daemon thread (the *heart
 is **stale**, and is broken by the next process that wants the folder, when
 
     its owner ran on this host and that pid is gone (or a zombie) — detected at once, so a
-    SIGKILLed worker's cell can be resumed immediately; or
-    its heartbeat is older than ``ttl`` (default :data:`DEFAULT_TTL_S`, or
-    ``$NEGBENCH_LOCK_TTL``) — an owner on another host that died, or a reused pid.
+    SIGKILLed worker's cell can be resumed immediately (a live pid on this host is never
+    taken over: a suspended owner must not find its folder shared when it resumes); or
+    its owner ran on another host and its heartbeat is older than ``ttl`` (default
+    :data:`DEFAULT_TTL_S`, or ``$NEGBENCH_LOCK_TTL``) — that owner died or lost the folder.
 
 Breaking takes a second ``O_EXCL`` file (``<lock>.break``) so that two breakers cannot both
 delete a lease, and deletes the lease only if it still carries the token judged stale. The
@@ -88,8 +89,9 @@ def _is_stale(path: Path, owner: dict[str, Any] | None, ttl: float) -> bool:
     if owner is None:  # being written this instant, or a leftover of an old flock-based version
         return age > ttl
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        if not _pid_alive(owner["pid"]):
-            return True
+        # a live pid here is never taken over, even with an old heartbeat: a suspended owner
+        # (Ctrl-Z) must not find its folder shared when it resumes; a reused pid only blocks
+        return not _pid_alive(owner["pid"])
     return age > ttl
 
 

@@ -1,7 +1,7 @@
 """The run-folder lease (``negbench.lock``): exclusive across processes, broken at once when its
-owner on this host is dead, after the TTL when its heartbeat stops (an owner on another host),
-never while the heartbeat runs; racing processes never both win, also while breaking a stale
-lease. (Through the runner: test_reliability.py's lock tests.)"""
+owner on this host is dead (never while it lives), after the TTL when the heartbeat of an owner
+on another host stops, never while that heartbeat runs; racing processes never both win, also
+while breaking a stale lease. (Through the runner: test_reliability.py's lock tests.)"""
 
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ def test_the_lease_of_a_dead_process_on_this_host_is_broken_at_once(tmp_path):
     with lease(path, ttl=3600) as held:
         assert json.loads(path.read_text())["token"] == held.token
     assert not (tmp_path / ".lock.break").exists()
+
+
+def test_a_live_process_on_this_host_keeps_its_lease_even_with_an_old_heartbeat(tmp_path):
+    path = tmp_path / ".lock"
+    write_lease(path, socket.gethostname(), os.getppid(), age_s=10**4)  # e.g. an owner suspended by Ctrl-Z
+    with pytest.raises(LockBusy, match=f"pid {os.getppid()}"):
+        LeaseLock(path, ttl=60).acquire()
 
 
 def test_another_hosts_lease_holds_until_its_heartbeat_is_older_than_the_ttl(tmp_path):
