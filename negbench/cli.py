@@ -49,6 +49,18 @@ GRAD_ERROR = typer.Option(False, "--grad-error", help="Record grad_error_sq (one
 TV_STEPS = typer.Option(None, help="Probe batches behind sampling_tv at each evaluation (0: off) [default: steps/10, at most 100].")
 TV_ANCHORS = typer.Option(_D.tv_anchors, help="Probe anchor items of sampling_tv.")
 PLUGIN = typer.Option(None, help=PLUGIN_HELP)
+# Where a grid's cells run (negbench.executors): shared by every grid command (compare; rate).
+JOBS = typer.Option(None, "--jobs", help="Run the cells in N worker processes on this machine (or a Dask "
+                    "LocalCluster of N workers) [default: 1, in this process].")
+THREADS_PER_JOB = typer.Option(None, "--threads-per-job", help="torch threads of each cell [default: cores // --jobs].")
+BACKEND = typer.Option("local", "--backend", help="local (this machine), dask (a Dask cluster: pip install -e '.[dask]') "
+                       "or submitit (a Slurm job array: pip install -e '.[slurm]').")
+SCHEDULER = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler, e.g. tcp://host:8786 "
+                         "[default: start a LocalCluster of --jobs workers].")
+SLURM_PARTITION = typer.Option(None, "--slurm-partition", help="Slurm partition of the job array (--backend submitit).")
+SLURM_TIME = typer.Option(None, "--slurm-time", help="Time limit of each cell's job: minutes or [D-]HH:MM[:SS].")
+SLURM_GPUS = typer.Option(None, "--slurm-gpus-per-task", help="GPUs of each cell's job.")
+SLURM_ARRAY = typer.Option(None, "--slurm-array-parallelism", help="Cells of the job array running at once.")
 _DEBUG = False  # --debug was given (forwarded to the processes `run --nproc` starts)
 
 
@@ -245,6 +257,14 @@ def compare(
     checkpoint_every: Optional[int] = typer.Option(
         None, help="Steps between checkpoints [default: one at each metric row]; SIGINT/SIGTERM also checkpoint. Rerun the same command to resume."
     ),
+    jobs: Optional[int] = JOBS,
+    threads_per_job: Optional[int] = THREADS_PER_JOB,
+    backend: str = BACKEND,
+    scheduler: Optional[str] = SCHEDULER,
+    slurm_partition: Optional[str] = SLURM_PARTITION,
+    slurm_time: Optional[str] = SLURM_TIME,
+    slurm_gpus_per_task: Optional[int] = SLURM_GPUS,
+    slurm_array_parallelism: Optional[int] = SLURM_ARRAY,
 ) -> None:
     """Run the missing cells of a samplers × batch sizes × seeds grid (finished runs are
     skipped, interrupted ones resumed), then aggregate over seeds into results/NAME/:
@@ -262,6 +282,13 @@ def compare(
         err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
 
     report.check_sort(sort)
+    from negbench.executors import ExecutorOptions, check_reachable
+
+    executor = ExecutorOptions(
+        backend=backend, jobs=jobs, threads_per_job=threads_per_job, scheduler=scheduler,
+        slurm_partition=slurm_partition, slurm_time=slurm_time, slurm_gpus_per_task=slurm_gpus_per_task,
+        slurm_array_parallelism=slurm_array_parallelism, folder=out / ".submitit",
+    ).validate()
     if runs:
         grid_options = [flag for flag, value in (("--task", task), ("--samplers", samplers), ("--batch-sizes", batch_sizes),
                                                   ("--seeds", seeds), ("--collect", collect or None)) if value is not None]
@@ -298,9 +325,10 @@ def compare(
         ("--reference", reference, None), ("--sort", sort, DEFAULT_SORT),
     ], set_ or [])
     if not collect:
+        check_reachable(executor)
         err.print(f"compare: {len(grid.cells)} runs ({len(specs)} samplers × {len(sizes)} batch sizes × "
                   f"{len(seed_list)} seeds) in {out}/")
-        if not grids.run_grid(grid.cells, err):
+        if not grids.run_grid(grid.cells, err, executor=executor, plugins=plugin or ()):
             err.print("compare: interrupted; rerun the same command to resume")
             raise typer.Exit(130)
     records = grids.collect_grid(grid, warn)

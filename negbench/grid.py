@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -20,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from negbench import runner
 from negbench.config import RunConfig, resolve_device, split_set_options
 from negbench.errors import UserError, suggest
+from negbench.executors import ExecutorOptions, run_cells
 from negbench.metrics import reset_peak_memory
 from negbench.registry import SAMPLERS, TASKS
 from negbench.resolution import finite_view_conflict
@@ -239,36 +241,67 @@ def run_cell(cell: Cell, console: Console) -> CellOutcome:
     return CellOutcome(skipped=outcome.skipped, interrupted=outcome.summary.get("status") == "interrupted")
 
 
+def _outcome(run_one: CellRunner, cell: Cell, console: Console) -> dict[str, object]:
+    """``run_one`` on ``cell``, reported as a small picklable dict (it may cross processes):
+    ``{"skipped", "interrupted"}``, ``{"busy": True}``, or ``{"error"}`` when it raised."""
+    try:
+        outcome = run_one(cell, console)
+    except runner.RunFolderBusy:
+        return {"busy": True}
+    except Exception as exc:  # a failing cell is a result of the comparison, not a crash
+        return {"error": one_line(str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")}
+    return {"skipped": outcome.skipped, "interrupted": outcome.interrupted}
+
+
+def _in_worker(run_one: CellRunner, cell: Cell) -> dict[str, object]:
+    """A cell in a worker process (:mod:`negbench.executors`): quiet, its result as a dict."""
+    return _outcome(run_one, cell, Console(stderr=True, quiet=True))
+
+
 def run_grid(cells: Sequence[Cell], console: Console, *, run_one: CellRunner = run_cell,
-             title: str = "compare") -> bool:
-    """Run every cell without an error, in order, through ``run_one``, with one progress bar
-    over cells. A run that raises is recorded on its cell (``error``) and the grid goes on; a
-    run whose folder another process holds (:class:`negbench.runner.RunFolderBusy`) is left to
-    it (``busy``) and read back later if it has finished by then. Returns False when a run was
-    interrupted (by a signal): stop and rerun."""
+             title: str = "compare", executor: ExecutorOptions | None = None,
+             plugins: Sequence[str | Path] = ()) -> bool:
+    """Run every cell without an error through ``run_one`` on ``executor``'s backend (default:
+    in order, in this process; :mod:`negbench.executors` for ``--jobs``, Dask and submitit —
+    there ``run_one`` must be a module-level function), with one progress bar over cells,
+    advanced as they finish. A run that raises, or whose worker dies, is recorded on its cell
+    (``error``) and the grid goes on; a run whose folder another process holds
+    (:class:`negbench.runner.RunFolderBusy`) is left to it (``busy``) and read back later if it
+    has finished by then. Returns False when a run was interrupted (by a signal): stop and rerun."""
+    executor = (executor or ExecutorOptions()).validate()
     progress = Progress(
         TextColumn(f"[bold]{title}[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
         TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
     )
+    todo = [cell for cell in cells if cell.error is None]
+
+    def here(cell: Cell) -> dict[str, object]:
+        progress.update(bar, description=cell.name)
+        return _outcome(run_one, cell, console)
+
     with progress:
-        bar = progress.add_task("", total=len(cells))
-        for cell in cells:
-            progress.update(bar, description=cell.name)
-            if cell.error is None:
-                try:
-                    outcome = run_one(cell, console)
-                except runner.RunFolderBusy:
+        bar = progress.add_task("", total=len(cells), completed=len(cells) - len(todo))
+        if not executor.in_process:
+            console.print(f"{title}: {len(todo)} runs on {executor.describe()}")
+        try:
+            for done in run_cells(todo, partial(_in_worker, run_one), executor, plugins=plugins, in_process_fn=here):
+                cell = todo[done.index]
+                result = done.value if done.error is None else {"error": done.error}
+                if result.get("busy"):
                     cell.busy = True
                     console.print(f"[yellow]{cell.name}: running in another negbench process, left to it[/yellow]")
-                except Exception as exc:  # a failing cell is a result of the comparison, not a crash
-                    text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-                    cell.error = one_line(text)
+                elif result.get("error"):
+                    cell.error = one_line(str(result["error"]))
                     console.print(f"[red]{cell.name} failed:[/red] {cell.error}")
                 else:
-                    cell.ran = not outcome.skipped
-                    if outcome.interrupted:
-                        return False
-            progress.advance(bar)
+                    cell.ran = not result["skipped"]
+                progress.advance(bar)
+                if not executor.in_process:
+                    progress.update(bar, description=f"{cell.name}: {'busy' if cell.busy else 'failed' if cell.error else 'done'}")
+                if result.get("interrupted"):  # stop: the cells not started stay for the rerun
+                    return False
+        except KeyboardInterrupt:
+            return False
         ran = sum(c.ran for c in cells)
         failed = sum(c.error is not None for c in cells)
         busy = sum(c.busy for c in cells)

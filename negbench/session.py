@@ -9,7 +9,7 @@ state, the sums behind the current metric window, and how many metric rows it co
 written every ``checkpoint_every`` steps (default: at each metric row) and when SIGINT/SIGTERM
 stops the loop (after the step in progress). Rerunning the same configuration resumes from
 it, dropping rows written after it; a finished run is skipped. One lock per run folder
-(``.lock``, ``fcntl.flock``) keeps two processes out of one run. A loss, gradient, parameter or
+(``.lock``, a lease file: :mod:`negbench.lock`) keeps two processes out of one run. A loss, gradient, parameter or
 sampler state that becomes NaN or infinite (checked after every step; -inf is allowed in
 sampler states, where it marks entries not set yet), or a metric row whose ``gcl``, embeddings
 or probe features are, stops the run at that step as ``diverged``: ``reason`` names the
@@ -23,7 +23,6 @@ chosen step, see ``tests/faults.py``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import signal
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from negbench import distributed, metric_registry
 from negbench.config import RunConfig
 from negbench.errors import UserError
 from negbench.evaluation import Evaluator
+from negbench.lock import LeaseLock, LockBusy
 from negbench.resolution import Prepared, prepare
 from negbench.results import (
     CHECKPOINT, CONFIG, METRICS, SUMMARY, append_row, atomic_torch_save, atomic_write_json, read_json, read_rows,
@@ -99,17 +99,22 @@ def stop_on_signals() -> Iterator[dict[str, bool]]:
 
 @contextlib.contextmanager
 def folder_lock(run_dir: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``run_dir/.lock`` (released by the OS if the process dies);
-    :class:`RunFolderBusy` at once when another process holds it."""
+    """An exclusive lease on ``run_dir/.lock`` (:mod:`negbench.lock`: NFS-safe, taken over at
+    once when its owner on this host has died); :class:`RunFolderBusy` at once when another
+    live process holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunFolderBusy(
-                f"run folder {run_dir} is in use by another negbench process; wait for it to end, then rerun"
-            ) from None
+    lock = LeaseLock(run_dir / ".lock")
+    try:
+        lock.acquire()
+    except LockBusy as exc:
+        owner = f" (pid {exc.owner.get('pid')} on {exc.owner.get('host')})" if exc.owner else ""
+        raise RunFolderBusy(
+            f"run folder {run_dir} is in use by another negbench process{owner}; wait for it to end, then rerun"
+        ) from None
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def bad_sampler_state(sampler: Sampler) -> bool:

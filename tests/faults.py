@@ -36,6 +36,15 @@ def parse(text: str) -> tuple[int, signal.Signals]:
     return int(step), signal.Signals[f"SIG{name or 'KILL'}"]
 
 
+def run_cell_killed_at_step_5(cell, console):  # noqa: ANN001, ANN201 - a grid.CellRunner
+    """A per-cell runner for ``negbench.grid.run_grid`` whose process SIGKILLs itself once step
+    5 is done (module-level, so that spawned grid workers can unpickle it)."""
+    from negbench.grid import run_cell
+
+    with after_each_step(kill_at(5)):
+        return run_cell(cell, console)
+
+
 if __name__ == "__main__":
     from negbench.cli import main
 

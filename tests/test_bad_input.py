@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from clikit import TINY_SYNTHETIC, invoke
 from negbench import list_samplers, runner
 from negbench.config import RunConfig
+from negbench.executors import cores
 from negbench.registry import SAMPLERS
 
 RANDOM_AUG_TASK = '''
@@ -63,6 +65,9 @@ def corrupt_summary(tmp: Path) -> None:
 
 CORRUPT_ARGS = [*TINY_SYNTHETIC, "--sampler", "uniform", "--batch-size", "4", "--steps", "2", "--seed", "0"]
 NO_CUDA = not torch.cuda.is_available()
+CORES = cores()
+HAS_DASK = find_spec("distributed") is not None
+HAS_SUBMITIT = find_spec("submitit") is not None
 ROOT = os.geteuid() == 0  # root ignores permission bits
 NO_GPU_FOR_EACH = "--device cuda was asked for but CUDA is not available" if NO_CUDA else "--nproc 2 needs 2 GPUs"
 
@@ -161,6 +166,19 @@ COMPARE = [
           "emc2:chain=view", "--seeds", "1", "--batch-sizes", "4"], "emc2 chain=view needs a finite-view task",
          make_random_aug_plugin),
     Case([*COMPARE_BASE, "--out", "{tmp}/file/runs"], "is a file, not a folder", make_file),
+    Case([*COMPARE_BASE, "--jobs", "0"], "--jobs must be between 1 and"),
+    Case([*COMPARE_BASE, "--jobs", str(4 * CORES + 1)], f"--jobs must be between 1 and {4 * CORES}"),
+    Case([*COMPARE_BASE, "--jobs", "2", "--threads-per-job", "0"], "--threads-per-job must be a positive integer"),
+    Case([*COMPARE_BASE, "--backend", "ray"], "--backend must be one of local, dask, submitit"),
+    Case([*COMPARE_BASE, "--slurm-partition", "gpu"], "only apply to Slurm; add --backend submitit"),
+    Case([*COMPARE_BASE, "--slurm-time", "60", "--backend", "dask"], "only apply to Slurm"),
+    Case([*COMPARE_BASE, "--scheduler", "tcp://127.0.0.1:9"], "add --backend dask"),
+    Case([*COMPARE_BASE, "--backend", "submitit", "--jobs", "2"], "use --slurm-array-parallelism instead",
+         skip=None if HAS_SUBMITIT else "submitit is not installed"),
+    Case([*COMPARE_BASE, "--backend", "submitit", "--slurm-time", "2h"], "--slurm-time expects minutes",
+         skip=None if HAS_SUBMITIT else "submitit is not installed"),
+    Case([*COMPARE_BASE, "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9"], "no Dask scheduler answered",
+         skip=None if HAS_DASK else "dask is not installed"),
     Case(["{tmp}", "--task", "digits"], "not both"),
     Case(["{tmp}/nothing*"], "no run folder matches"),
     Case(["{tmp}/file"], "is not a folder", make_file),
