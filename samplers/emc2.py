@@ -147,11 +147,12 @@ def mh_sweep_pairs(
     One walk of 2K steps per chain: row 2k's proposals, then row 2k+1's."""
     k = proposal_scores.shape[1]
     column, num_proposals, burn_in = column.long(), num_proposals.long(), burn_in.long()
-    joined = [t.reshape(-1, 2 * k) for t in (proposal_scores, proposal_columns, log_u)]
-    active = (torch.arange(k, device=column.device) < num_proposals[:, None]).reshape(-1, 2 * k)
-    fallback = column.reshape(-1, 2, 1).expand(-1, 2, k).reshape(-1, 2 * k)
+    chains = column.shape[0] // 2
+    joined = [t.reshape(chains, 2 * k) for t in (proposal_scores, proposal_columns, log_u)]
+    active = (torch.arange(k, device=column.device) < num_proposals[:, None]).reshape(chains, 2 * k)
+    fallback = column.reshape(chains, 2, 1).expand(chains, 2, k).reshape(chains, 2 * k)
     accept, walked, stored = _walk(*joined, active, score[0::2], fallback)
-    rows = [t.reshape(-1, k) for t in (accept, walked, stored)]
+    rows = [t.reshape(2 * chains, k) for t in (accept, walked, stored)]
     start_score = torch.stack([score[0::2], stored[:, k - 1] if k else score[0::2]], dim=1).reshape(-1)
     return _result(*rows, column, start_score, num_proposals, burn_in)
 

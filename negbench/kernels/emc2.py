@@ -136,9 +136,10 @@ def logits_of(inputs: SweepInputs) -> Tensor:
     return (inputs.beta * inputs.sims[:, : inputs.num_proposal_columns]).float()
 
 
-def random_streams(inputs: SweepInputs) -> tuple[Tensor, Tensor]:
+def random_streams(inputs: SweepInputs, *, log_u: bool = True) -> tuple[Tensor, Tensor | None]:
     """The random numbers of a sweep, materialised: (R, K) int64 sort keys of the columns and
-    (R, K) float32 log U of the proposals (the counters of the module docstring)."""
+    (R, K) float32 log U of the proposals (the counters of the module docstring; None without
+    ``log_u``)."""
     rows, k = inputs.shape
     device = inputs.sims.device
     half = (k + 1) // 2
@@ -147,8 +148,9 @@ def random_streams(inputs: SweepInputs) -> tuple[Tensor, Tensor]:
     zero = torch.zeros((), dtype=torch.long, device=device)
     w0, w1, w2, w3 = philox4x32((j, r, zero + inputs.step, zero), (inputs.key & MASK32, (inputs.key >> 32) & MASK32))
     keys = torch.stack([w0, w1], dim=2).reshape(rows, 2 * half)[:, :k]
-    log_u = log_uniform(torch.stack([w2, w3], dim=2).reshape(rows, 2 * half)[:, :k])
-    return keys, log_u
+    if not log_u:
+        return keys, None
+    return keys, log_uniform(torch.stack([w2, w3], dim=2).reshape(rows, 2 * half)[:, :k])
 
 
 # ---- the CPU library ---------------------------------------------------------------------------
@@ -262,6 +264,26 @@ def _load_cpu_library() -> Any:
         _cpu_info.update(info)
         _cpu_lib = fn
         return fn
+
+
+def cpu_philox(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, ...]:
+    """Philox-4x32-10 of one counter, computed by the C library (its known-answer tests)."""
+    _load_cpu_library()
+    lib = ctypes.CDLL(_cpu_info["path"])
+    out = (ctypes.c_uint32 * 4)()
+    lib.negbench_emc2_philox((ctypes.c_uint32 * 4)(*counter), (ctypes.c_uint32 * 2)(*key), out)
+    return tuple(out)
+
+
+def cpu_log_uniform(bits: Tensor) -> Tensor:
+    """The C library's log U of 32-bit words (an int64 tensor), as float32 (tests)."""
+    _load_cpu_library()
+    lib = ctypes.CDLL(_cpu_info["path"])
+    words = bits.to(torch.int64).bitwise_and(MASK32).to(torch.int32).contiguous()  # the same 32 bits
+    out = torch.empty(words.shape, dtype=torch.float32)
+    lib.negbench_emc2_log_uniform.argtypes = [_P, _P, _I64]
+    lib.negbench_emc2_log_uniform(words.data_ptr(), out.data_ptr(), words.numel())
+    return out
 
 
 def cpu_build_info() -> dict[str, Any]:

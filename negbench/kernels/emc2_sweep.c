@@ -31,14 +31,14 @@
 #define PHILOX_W0 0x9E3779B9u
 #define PHILOX_W1 0xBB67AE85u
 
-/* Philox-4x32-10 of the counters (j0 + i, row, step, 0), i < BLOCK: x[w][i] is word w. One
+/* Philox-4x32-10 of the counters (j0 + i, c1, c2, c3), i < BLOCK: x[w][i] is word w. One
  * lane at a time with the rounds inside, which compilers vectorise across lanes (the 32x32 ->
  * 64-bit products become packed multiplies). The key is bumped after every round; the last
  * bump is unused, so this is the published schedule (a bump before rounds 2..10). */
-__attribute__((noinline)) static void philox_block(uint32_t j0, uint32_t row, uint32_t step, uint32_t key0, uint32_t key1,
-                         uint32_t x[4][BLOCK]) {
+__attribute__((noinline)) static void philox_block(uint32_t j0, uint32_t c1_, uint32_t c2_, uint32_t c3_, uint32_t key0,
+                                                  uint32_t key1, uint32_t x[4][BLOCK]) {
     for (int i = 0; i < BLOCK; ++i) {
-        uint32_t c0 = j0 + (uint32_t)i, c1 = row, c2 = step, c3 = 0, k0 = key0, k1 = key1;
+        uint32_t c0 = j0 + (uint32_t)i, c1 = c1_, c2 = c2_, c3 = c3_, k0 = key0, k1 = key1;
         for (int round = 0; round < 10; ++round) {
             const uint64_t p0 = (uint64_t)PHILOX_M0 * c0, p1 = (uint64_t)PHILOX_M1 * c2;
             c0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
@@ -88,7 +88,7 @@ static void row_random(uint32_t row, uint32_t step, uint32_t key0, uint32_t key1
                        uint32_t *restrict keys, uint32_t *restrict bits, float *restrict log_u) {
     uint32_t x[4][BLOCK];
     for (int64_t j0 = 0; 2 * j0 < k; j0 += BLOCK) {
-        philox_block((uint32_t)j0, row, step, key0, key1, x);
+        philox_block((uint32_t)j0, row, step, 0, key0, key1, x);
         for (int i = 0; i < BLOCK; ++i) {
             keys[2 * j0 + 2 * i] = x[0][i];
             keys[2 * j0 + 2 * i + 1] = x[1][i];
@@ -98,6 +98,15 @@ static void row_random(uint32_t row, uint32_t step, uint32_t key0, uint32_t key1
     }
     log_uniforms(bits, log_u, padded(k));
 }
+
+/* For the known-answer tests: Philox-4x32-10 of one counter, and log U of n words. */
+void negbench_emc2_philox(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+    uint32_t x[4][BLOCK];
+    philox_block(counter[0], counter[1], counter[2], counter[3], key[0], key[1], x);
+    for (int w = 0; w < 4; ++w) out[w] = x[w][0];
+}
+
+void negbench_emc2_log_uniform(const uint32_t *bits, float *out, int64_t n) { log_uniforms(bits, out, n); }
 
 /* ---- the proposal order ------------------------------------------------------------------------ */
 /* order[0..n) = the columns cols[0..n) (ascending) sorted by (keys[col], col): a counting sort
