@@ -63,7 +63,7 @@ __attribute__((noinline)) static void philox_block(uint32_t j0, uint32_t c1_, ui
 static float log_uniform(uint32_t x) {
     const uint32_t n = (x >> 8) + 1;
     const int32_t m = 31 - __builtin_clz(n);
-    const uint32_t t = n << (23 - m); /* 2^23 <= t < 2^24: U's significand */
+    const uint32_t t = m <= 23 ? n << (23 - m) : n >> 1; /* 2^23 <= t < 2^24: U's significand (n <= 2^24) */
     const int32_t up = (int32_t)(((t & 0x007FFFFF) + 0x4AFB20) & 0x00800000) >> 23; /* 1 + f >= sqrt(2) */
     const float f = (float)(int32_t)t * (up ? 0x1p-24f : 0x1p-23f) - 1.0f;
     const float dk = (float)(m - 24 + up);
