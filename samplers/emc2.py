@@ -29,12 +29,14 @@ out-of-batch states, dropped or refreshed), ``empty_frac`` (anchors left with no
 steps since the stored scores of this step's chains were computed).
 
 Kernels (``kernel=auto|fused|reference``): the sweep is sequential per chain and independent
-across chains. :func:`mh_sweep` is the pure-PyTorch reference (a Python loop over the K
-proposals, vectorised over chains); ``fused`` runs the whole step's sweep as one kernel
-(:mod:`negbench.kernels.emc2`: a small C library on the CPU, Triton on CUDA) with identical
-results for identical random numbers — the proposal keys and log U are drawn here with
-torch's generator for both paths. ``auto`` uses ``fused`` when it is available and otherwise
-falls back to the reference with a one-time warning.
+across chains. ``fused`` runs the whole step's sweep as one kernel (:mod:`negbench.kernels.emc2`:
+a small C library on the CPU, Triton on CUDA) that also generates its random numbers —
+Philox-4x32-10 keyed by the sampler's 64-bit ``philox_key`` (one draw from the run's sampler
+generator, checkpointed) with the counter (proposal pair, row, step, 0) — and writes the
+normalised W. :func:`reference_sweep` is the same function in pure PyTorch (the random numbers
+materialised, then :func:`mh_sweep`: a Python loop over the proposals, vectorised over chains),
+bit for bit. ``auto`` uses ``fused`` when it is available and otherwise falls back to the
+reference with a one-time warning.
 """
 
 from __future__ import annotations
@@ -275,17 +277,17 @@ class EMC2Sampler(Sampler):
         return Extras(items, views, owner=need)
 
     def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
-        num_anchors, num_candidates = sims.shape
-        device = sims.device
+        num_anchors = sims.shape[0]
         chains = self._chain_ids(batch)
         cand_ids = self._candidate_ids(batch.candidate_items, batch.candidate_views)
         valid = batch.valid
 
         # Where does each chain's current state sit among this step's candidates?
         state = self.chain_state[chains].long()
-        match = (state[:, None] == cand_ids[None, :]) & valid
-        has_column = match.any(dim=1)
-        start_column = torch.where(has_column, match.to(torch.uint8).argmax(dim=1), torch.full_like(state, OUT_OF_BATCH))
+        match = (state[:, None] == cand_ids[None, :]).logical_and_(valid)
+        first = match.view(torch.uint8).argmax(dim=1)  # the first matching column, or 0 if none
+        has_column = match.gather(1, first[:, None]).squeeze(1)
+        start_column = torch.where(has_column, first, torch.full_like(state, OUT_OF_BATCH))
         start_score = self.chain_score[chains]
         ages = (self.steps_done - self.chain_step[chains]).double()
         started = state >= 0
