@@ -186,11 +186,87 @@ static void add_run(void *w, int32_t w_double, int64_t state, int64_t run, int32
     }
 }
 
+/* One row's sweep from its chain's (state, current); returns whether it accepted anything. */
+typedef struct {
+    const void *sims;
+    int32_t sims_double;
+    const uint8_t *valid;
+    int64_t k, ld;
+    double beta, burn_in;
+    uint32_t key0, key1, step;
+} sweep_t;
+
+static uint8_t sweep_row(const sweep_t *a, scratch_t *s, int64_t r, int64_t *state_io, float *current_io,
+                         int64_t *tally, void *weights, int64_t *records) {
+    const int64_t k = a->k, row_at = r * a->ld;
+    const size_t elt = a->sims_double ? sizeof(double) : sizeof(float);
+    const float beta_f = (float)a->beta;
+    void *row_w = (char *)weights + (size_t)row_at * elt;
+    int64_t *row_records = records ? records + r * k : NULL;
+    int64_t state = *state_io;
+    float current = *current_io;
+    int32_t n = 0;
+    for (int64_t c = 0; c < k; ++c)
+        if (a->valid[row_at + c]) s->cols[n++] = (int32_t)c;
+    row_random((uint32_t)r, a->step, a->key0, a->key1, k, s->keys, s->bits, s->log_u);
+    order_by_key(s->keys, s->cols, n, s->order, s->sorted, s->bucket, s->start);
+    memset(row_w, 0, (size_t)a->ld * elt);
+    const int64_t burn = (int64_t)floor(a->burn_in * (double)n);
+    int64_t late_accepted = 0, used = 0, out_of_batch = 0, extra = 0, n_touched = 0;
+    int64_t run_state = -1, run = 0; /* records of the current state not yet counted */
+    uint8_t accepted = 0;
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t c = s->order[t];
+        const float l = logit(a->sims, a->sims_double, row_at + c, a->beta, beta_f);
+        const int accept = s->log_u[t] < l - current;
+        if (accept) {
+            state = c;
+            current = l;
+            accepted = 1;
+        }
+        if (t < burn) {
+            if (row_records) row_records[t] = NOT_RECORDED;
+            continue;
+        }
+        late_accepted += accept;
+        if (row_records) row_records[t] = state;
+        if (state >= 0 && state < a->ld) {
+            used++;
+            extra += state >= k;
+            if (state != run_state) {
+                add_run(row_w, a->sims_double, run_state, run, s->touched, &n_touched);
+                run_state = state;
+                run = 0;
+            }
+            run++;
+        } else if (state == OUT_OF_BATCH) {
+            out_of_batch++;
+        }
+    }
+    add_run(row_w, a->sims_double, run_state, run, s->touched, &n_touched);
+    for (int64_t i = 0; i < n_touched; ++i) { /* W = counts / used, as the reference divides */
+        if (a->sims_double)
+            ((double *)row_w)[s->touched[i]] /= (double)used;
+        else
+            ((float *)row_w)[s->touched[i]] /= (float)used;
+    }
+    if (row_records)
+        for (int64_t t = n; t < k; ++t) row_records[t] = NOT_RECORDED;
+    tally[0] = late_accepted;
+    tally[1] = n > burn ? n - burn : 0;
+    tally[2] = used;
+    tally[3] = out_of_batch;
+    tally[4] = extra;
+    *state_io = state;
+    *current_io = current;
+    return accepted;
+}
+
 /* sims, weights: rows x ld (float32, or float64 when sims_double); valid: rows x ld bytes.
- * Proposals come from columns [0, k). Outputs per row: final column, score, accepted (any),
- * tallies (accepted after burn-in, records, records on a column >= 0, on OUT_OF_BATCH, on a
- * column >= k), the row of weights, and the records (rows x k, may be NULL). Returns 0, or -1
- * when out of memory. */
+ * Proposals come from columns [0, k); start columns are below ld. Outputs per row: final
+ * column, score, accepted (any), tallies (accepted after burn-in, records, records on a column
+ * >= 0, on OUT_OF_BATCH, on a column >= k), the row of weights, and the records (rows x k, may
+ * be NULL). Returns 0, or -1 when out of memory. */
 int negbench_emc2_sweep(const void *sims, int32_t sims_double, const uint8_t *valid, int64_t rows, int64_t k,
                         int64_t ld, double beta, double burn_in, uint32_t key0, uint32_t key1, uint32_t step,
                         const int64_t *column, const float *score, int32_t pairs, int64_t *out_column,
@@ -198,8 +274,7 @@ int negbench_emc2_sweep(const void *sims, int32_t sims_double, const uint8_t *va
                         int64_t *records, int32_t num_threads) {
     const int64_t per_chain = pairs ? 2 : 1;
     const int64_t chains = rows / per_chain;
-    const size_t elt = sims_double ? sizeof(double) : sizeof(float);
-    const float beta_f = (float)beta;
+    const sweep_t args = {sims, sims_double, valid, k, ld, beta, burn_in, key0, key1, step};
     int failed = 0;
     (void)num_threads;
 #pragma omp parallel num_threads(num_threads) if (rows * k >= 65536) reduction(|| : failed)
@@ -210,78 +285,16 @@ int negbench_emc2_sweep(const void *sims, int32_t sims_double, const uint8_t *va
 #pragma omp for schedule(static)
         for (int64_t chain = 0; chain < chains; ++chain) {
             if (block == NULL) continue;
-            int64_t state = 0;
-            float current = 0.0f;
+            int64_t state = column[chain * per_chain];
+            float current = score[chain * per_chain];
             uint8_t moved = 0;
             for (int64_t p = 0; p < per_chain; ++p) {
                 const int64_t r = chain * per_chain + p;
-                const uint8_t *row_valid = valid + r * ld;
-                const int64_t row_at = r * ld;
-                void *row_w = (char *)weights + (size_t)row_at * elt;
-                int64_t *row_records = records ? records + r * k : NULL;
-                if (p == 0) {
-                    state = column[r];
-                    current = score[r];
-                } else if (!moved) {
-                    state = column[r]; /* the stored state's column for this view */
-                }
-                int32_t n = 0;
-                for (int64_t c = 0; c < k; ++c)
-                    if (row_valid[c]) s.cols[n++] = (int32_t)c;
-                row_random((uint32_t)r, step, key0, key1, k, s.keys, s.bits, s.log_u);
-                order_by_key(s.keys, s.cols, n, s.order, s.sorted, s.bucket, s.start);
-                memset(row_w, 0, (size_t)ld * elt);
-                const int64_t burn = (int64_t)floor(burn_in * (double)n);
-                int64_t late_accepted = 0, used = 0, out_of_batch = 0, extra = 0, n_touched = 0;
-                int64_t run_state = -1, run = 0; /* records of the current state not yet counted */
-                uint8_t accepted = 0;
-                for (int64_t t = 0; t < n; ++t) {
-                    const int64_t c = s.order[t];
-                    const float l = logit(sims, sims_double, row_at + c, beta, beta_f);
-                    const int accept = s.log_u[t] < l - current;
-                    if (accept) {
-                        state = c;
-                        current = l;
-                        accepted = 1;
-                    }
-                    if (t < burn) {
-                        if (row_records) row_records[t] = NOT_RECORDED;
-                        continue;
-                    }
-                    late_accepted += accept;
-                    if (row_records) row_records[t] = state;
-                    if (state >= 0) {
-                        used++;
-                        extra += state >= k;
-                        if (state != run_state) {
-                            add_run(row_w, sims_double, run_state, run, s.touched, &n_touched);
-                            run_state = state;
-                            run = 0;
-                        }
-                        run++;
-                    } else if (state == OUT_OF_BATCH) {
-                        out_of_batch++;
-                    }
-                }
-                add_run(row_w, sims_double, run_state, run, s.touched, &n_touched);
-                for (int64_t i = 0; i < n_touched; ++i) { /* W = counts / used, as the reference divides */
-                    if (sims_double)
-                        ((double *)row_w)[s.touched[i]] /= (double)used;
-                    else
-                        ((float *)row_w)[s.touched[i]] /= (float)used;
-                }
-                if (row_records)
-                    for (int64_t t = n; t < k; ++t) row_records[t] = NOT_RECORDED;
-                int64_t *tally = out_tallies + r * NUM_TALLIES;
-                tally[0] = late_accepted;
-                tally[1] = n > burn ? n - burn : 0;
-                tally[2] = used;
-                tally[3] = out_of_batch;
-                tally[4] = extra;
+                if (p > 0 && !moved) state = column[r]; /* the stored state's column for this view */
+                moved = sweep_row(&args, &s, r, &state, &current, out_tallies + r * NUM_TALLIES, weights, records);
                 out_column[r] = state;
                 out_score[r] = current;
-                out_accepted[r] = accepted;
-                moved = accepted;
+                out_accepted[r] = moved;
             }
         }
         free(block);
