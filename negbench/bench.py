@@ -47,6 +47,7 @@ from torch import Tensor
 from negbench.config import RunConfig, check_writable, derive_seed, resolve_device
 from negbench.distribution import draw_views
 from negbench.errors import UserError, suggest
+from negbench.grid import SamplerSpec, parse_sampler_spec
 from negbench.registry import SAMPLERS, TASKS
 from negbench.results import atomic_write_bytes, atomic_write_json
 from negbench.sampler import Batch, Sampler, SamplerContext, join_candidates
@@ -54,6 +55,9 @@ from negbench.task import Task
 from negbench.training import Trainer
 
 BASELINE = "in_batch"
+#: variants measured besides every registered sampler when ``--samplers`` is not given: EMC²'s
+#: pure-PyTorch fallback sweep next to its fused kernel
+EXTRA_VARIANTS = {"emc2": ("emc2:kernel=reference",)}
 #: the largest candidate matrix (A × C entries) the sampler part builds: 2^26 (256 MiB in float32)
 MAX_SIMS = 2**26
 #: distinct frozen embeddings; view v of item i is row (i·2 + v) mod this
@@ -132,8 +136,8 @@ def resolve(config: BenchConfig) -> tuple[BenchConfig, torch.device, list[str]]:
     if config.smoke:
         config = replace(config, **SMOKE)
     device = resolve_device(config.device)
-    names = [SAMPLERS.get_class(n).name for n in (config.samplers or SAMPLERS.names())]
-    names = list(dict.fromkeys([BASELINE, *names]))
+    entries = config.samplers or [v for n in SAMPLERS.names() for v in (n, *EXTRA_VARIANTS.get(n, ()))]
+    names = list(dict.fromkeys([BASELINE, *(parse_sampler_spec(n).label for n in entries)]))
     if config.part not in PARTS:
         raise UserError(f"--part must be one of {', '.join(PARTS)}, got {config.part!r}")
     unknown = [w for w in config.workloads if w not in WORKLOADS]
@@ -224,11 +228,23 @@ class _FrozenEmbeddings:
         return self.table[(2 * items + views.clamp_min(0)) % EMBEDDING_TABLE]
 
 
+def _spec(label: str) -> SamplerSpec:
+    """A ``name[:key=value...]`` label parsed as ``negbench compare`` parses its samplers."""
+    return parse_sampler_spec(label)
+
+
+def _create(label: str) -> Sampler:
+    """The sampler of a ``name[:key=value...]`` label."""
+    spec = _spec(label)
+    return SAMPLERS.create(spec.name, **dict(spec.params))
+
+
 def _bind(name: str, num_items: int, cfg: BenchConfig, device: torch.device) -> tuple[Sampler, int | None]:
-    cls = SAMPLERS.get_class(name)
-    views = 2 if cls.requires_finite_views else None
-    generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, f"bench-{name}"))
-    sampler = cls().bind(SamplerContext(num_items, views, cfg.beta, cfg.dim, device, generator))
+    sampler = _create(name)
+    views = 2 if sampler.requires_finite_views else None
+    seed_name = name.split(":", 1)[0]  # a variant draws the same random numbers as its sampler
+    generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, f"bench-{seed_name}"))
+    sampler = sampler.bind(SamplerContext(num_items, views, cfg.beta, cfg.dim, device, generator))
     return sampler, views
 
 
@@ -316,8 +332,11 @@ def sampler_cost(cfg: BenchConfig, device: torch.device, names: list[str], advan
 
 # ---- part 2: end-to-end step time --------------------------------------------------------------------
 def _trainer(task: Task, name: str, cfg: BenchConfig, device: torch.device) -> Trainer:
-    """A run's trainer of sampler ``name`` on the loaded ``task`` (Adam at its default lr)."""
-    config = RunConfig(sampler=name, task=task.name, batch_size=cfg.step_batch_size, steps=cfg.warmup + cfg.repeats,
+    """A run's trainer of sampler ``name`` (a ``name[:key=value...]`` label) on the loaded
+    ``task`` (Adam at its default lr)."""
+    spec = _spec(name)
+    config = RunConfig(sampler=spec.name, sampler_params=dict(spec.params), task=task.name,
+                       batch_size=cfg.step_batch_size, steps=cfg.warmup + cfg.repeats,
                        seed=cfg.seed, device=device.type, beta=cfg.beta, tv_steps=0)
     return Trainer.build(config, task)
 
@@ -334,7 +353,7 @@ def step_time(cfg: BenchConfig, device: torch.device, names: list[str], advance:
         _check_step_batch_size(batch_size, workload_name, task)
         trainers = {}
         for name in names:
-            if SAMPLERS.get_class(name).requires_finite_views and not task.finite_views:
+            if SAMPLERS.get_class(name.split(":", 1)[0]).requires_finite_views and not task.finite_views:
                 notes[name] = "n/a: needs finite views"
                 continue
             trainers[name] = _trainer(task, name, cfg, device)

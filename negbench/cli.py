@@ -435,7 +435,7 @@ def check(
 @app.command()
 def bench(
     device: str = DEVICE,
-    samplers: Optional[str] = typer.Option(None, help="Comma-separated samplers [default: every registered one]; in_batch is always measured."),
+    samplers: Optional[str] = typer.Option(None, help="Comma-separated samplers, each name[:key=value[:key=value]] (e.g. emc2:kernel=reference) [default: every registered one plus emc2:kernel=reference]; in_batch is always measured."),
     batch_sizes: str = typer.Option("32,256,1024", help="Items per step B of the sampler-only part (comma-separated)."),
     num_items: str = typer.Option("10000,1000000", help="Data-set sizes N of the sampler-only part (comma-separated)."),
     dim: int = typer.Option(128, help="Embedding dimension d of the sampler-only part."),

@@ -29,12 +29,14 @@ out-of-batch states, dropped or refreshed), ``empty_frac`` (anchors left with no
 steps since the stored scores of this step's chains were computed).
 
 Kernels (``kernel=auto|fused|reference``): the sweep is sequential per chain and independent
-across chains. :func:`mh_sweep` is the pure-PyTorch reference (a Python loop over the K
-proposals, vectorised over chains); ``fused`` runs the whole step's sweep as one kernel
-(:mod:`negbench.kernels.emc2`: a small C library on the CPU, Triton on CUDA) with identical
-results for identical random numbers — the proposal keys and log U are drawn here with
-torch's generator for both paths. ``auto`` uses ``fused`` when it is available and otherwise
-falls back to the reference with a one-time warning.
+across chains. ``fused`` runs the whole step's sweep as one kernel (:mod:`negbench.kernels.emc2`:
+a small C library on the CPU, Triton on CUDA) that also generates its random numbers —
+Philox-4x32-10 keyed by the sampler's 64-bit ``philox_key`` (one draw from the run's sampler
+generator, checkpointed) with the counter (proposal pair, row, step, 0) — and writes the
+normalised W. :func:`reference_sweep` is the same function in pure PyTorch (the random numbers
+materialised, then :func:`mh_sweep`: a Python loop over the proposals, vectorised over chains),
+bit for bit. ``auto`` uses ``fused`` when it is available and otherwise falls back to the
+reference with a one-time warning.
 """
 
 from __future__ import annotations
@@ -67,6 +69,46 @@ class SweepResult:
     proposals_after_burn_in: Tensor  # (A,)
 
 
+def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score: Tensor,
+          fallback: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chains (rows) through their proposals (columns t): accept t when active and
+    ``log_u[:, t] < scores[:, t] - ℓ``. Only the recursion of ℓ runs in a Python loop (three
+    tensor operations per proposal, vectorised over chains); the states follow afterwards:
+    after step t a chain is on the column of its last accepted proposal, else on
+    ``fallback[:, t]``. Returns (accepted, column after each step, ℓ after each step)."""
+    num_chains, num_steps = scores.shape
+    if num_steps == 0:
+        return active.clone(), fallback.expand(num_chains, 0), scores.clone()
+    # inactive steps get -inf: never accepted (-inf - ℓ is -inf or NaN, and log u < NaN is False)
+    steps = scores.masked_fill(~active, float("-inf")).T.contiguous()
+    u = log_u.T.contiguous()
+    accept = torch.empty(num_steps, num_chains, dtype=torch.bool, device=scores.device)
+    current, gap = score.clone(), torch.empty_like(score)
+    for t in range(num_steps):
+        torch.sub(steps[t], current, out=gap)
+        torch.lt(u[t], gap, out=accept[t])
+        torch.where(accept[t], steps[t], current, out=current)
+    accept = accept.T
+    last = torch.where(accept, torch.arange(num_steps, device=scores.device), -1).cummax(dim=1).values
+    moved, at = last >= 0, last.clamp_min(0)
+    column = torch.where(moved, columns.gather(1, at), fallback)
+    stored = torch.where(moved, scores.gather(1, at), score[:, None])
+    return accept, column, stored
+
+
+def _result(accept: Tensor, column: Tensor, stored: Tensor, start_column: Tensor, start_score: Tensor,
+            num_proposals: Tensor, burn_in: Tensor) -> SweepResult:
+    steps = torch.arange(accept.shape[1], device=accept.device)
+    late = (steps >= burn_in[:, None]) & (steps < num_proposals[:, None])
+    records = torch.where(late, column, NOT_RECORDED)
+    if accept.shape[1]:
+        final_column, final_score = column[:, -1], stored[:, -1]
+    else:
+        final_column, final_score = start_column.clone(), start_score.clone()
+    return SweepResult(final_column, final_score, accept.any(dim=1), records, (accept & late).sum(dim=1),
+                       (num_proposals - burn_in).clamp_min(0))
+
+
 def mh_sweep(
     proposal_scores: Tensor,
     proposal_columns: Tensor,
@@ -83,23 +125,11 @@ def mh_sweep(
     ``log_u[a, t] < proposal_scores[a, t] - score[a]``. Steps t ≥ ``burn_in[a]`` are recorded.
     No host synchronisation.
     """
-    num_chains, num_steps = proposal_scores.shape
-    column = column.clone()
-    score = score.clone()
-    accepted_any = torch.zeros(num_chains, dtype=torch.bool, device=score.device)
-    records = torch.full((num_chains, num_steps), NOT_RECORDED, dtype=torch.long, device=score.device)
-    accepted_late = torch.zeros(num_chains, dtype=torch.long, device=score.device)
-    for t in range(num_steps):
-        active = num_proposals > t
-        accept = active & (log_u[:, t] < proposal_scores[:, t] - score)
-        column = torch.where(accept, proposal_columns[:, t], column)
-        score = torch.where(accept, proposal_scores[:, t], score)
-        accepted_any |= accept
-        late = active & (burn_in <= t)
-        accepted_late += (accept & late).long()
-        records[:, t] = torch.where(late, column, torch.full_like(column, NOT_RECORDED))
-    late_count = (num_proposals - burn_in).clamp_min(0)
-    return SweepResult(column, score, accepted_any, records, accepted_late, late_count)
+    num_steps = proposal_scores.shape[1]
+    column, num_proposals, burn_in = column.long(), num_proposals.long(), burn_in.long()
+    active = torch.arange(num_steps, device=column.device) < num_proposals[:, None]
+    walked = _walk(proposal_scores, proposal_columns, log_u, active, score, column[:, None])
+    return _result(*walked, column, score, num_proposals, burn_in)
 
 
 def mh_sweep_pairs(
@@ -115,84 +145,51 @@ def mh_sweep_pairs(
     swept from the stored state; row 2k+1 continues from the score and state row 2k ended on
     (from its own ``column[2k+1]`` if row 2k accepted nothing: the stored state may sit in a
     different column for the other view, e.g. its own refreshed extra). Rows of the result
-    are in the input order; row 2k+1's ``column`` and ``score`` are the chain's final ones."""
-    first, second = slice(0, None, 2), slice(1, None, 2)
-    r1 = mh_sweep(proposal_scores[first], proposal_columns[first], num_proposals[first], burn_in[first],
-                  column[first], score[first], log_u[first])
-    second_start = torch.where(r1.accepted, r1.column, column[second])
-    r2 = mh_sweep(proposal_scores[second], proposal_columns[second], num_proposals[second], burn_in[second],
-                  second_start, r1.score, log_u[second])
-    return SweepResult(*[torch.stack([a, b], dim=1).flatten(0, 1) for a, b in zip(
-        (r1.column, r1.score, r1.accepted, r1.records, r1.accepted_after_burn_in, r1.proposals_after_burn_in),
-        (r2.column, r2.score, r2.accepted, r2.records, r2.accepted_after_burn_in, r2.proposals_after_burn_in),
-    )])
+    are in the input order; row 2k+1's ``column`` and ``score`` are the chain's final ones.
+    One walk of 2K steps per chain: row 2k's proposals, then row 2k+1's."""
+    k = proposal_scores.shape[1]
+    column, num_proposals, burn_in = column.long(), num_proposals.long(), burn_in.long()
+    chains = column.shape[0] // 2
+    joined = [t.reshape(chains, 2 * k) for t in (proposal_scores, proposal_columns, log_u)]
+    active = (torch.arange(k, device=column.device) < num_proposals[:, None]).reshape(chains, 2 * k)
+    fallback = column.reshape(chains, 2, 1).expand(chains, 2, k).reshape(chains, 2 * k)
+    accept, walked, stored = _walk(*joined, active, score[0::2], fallback)
+    rows = [t.reshape(2 * chains, k) for t in (accept, walked, stored)]
+    start_score = torch.stack([score[0::2], stored[:, k - 1] if k else score[0::2]], dim=1).reshape(-1)
+    return _result(*rows, column, start_score, num_proposals, burn_in)
 
 
-def reference_sweep(
-    logits: Tensor,
-    keys: Tensor,
-    log_u: Tensor,
-    num_proposals: Tensor,
-    burn_in: Tensor,
-    column: Tensor,
-    score: Tensor,
-    *,
-    pairs: bool = False,
-) -> SweepResult:
-    """One step's sweep from its random numbers, in pure PyTorch: row r's proposals are the
-    columns of ``keys[r]`` in stable ascending order of the keys (invalid columns carry a key
-    above every valid one), with log scores ``logits[r, c]``; then :func:`mh_sweep` (or
-    :func:`mh_sweep_pairs` with ``pairs``). :func:`negbench.kernels.emc2.fused_sweep` is the
-    same function as one kernel."""
-    order = keys.argsort(dim=1, stable=True)
-    sweep = mh_sweep_pairs if pairs else mh_sweep
-    return sweep(logits.gather(1, order), order, num_proposals, burn_in, column, score, log_u)
+def reference_sweep(inputs: kernels.SweepInputs, *, records: bool = False) -> kernels.Sweep:
+    """:func:`negbench.kernels.emc2.fused_sweep` in pure PyTorch: the random numbers of
+    :func:`~negbench.kernels.emc2.random_streams`, the proposals in stable ascending order of
+    their keys (invalid columns last), then :func:`mh_sweep` (or :func:`mh_sweep_pairs`) and
+    the histogram of the records, W = counts / used."""
+    kernels.check_inputs(inputs)
+    k = inputs.num_proposal_columns
+    keys, log_u = kernels.random_streams(inputs)
+    proposable = inputs.valid[:, :k]
+    order = keys.masked_fill_(~proposable, 2**32).argsort(dim=1, stable=True)
+    num_proposals = proposable.sum(dim=1)
+    burn = torch.floor(inputs.burn_in * num_proposals.double()).long()
+    sweep = mh_sweep_pairs if inputs.pairs else mh_sweep
+    result = sweep(kernels.logits_of(inputs).gather(1, order), order, num_proposals, burn,
+                   inputs.column, inputs.score, log_u)
+    return tally(result, inputs.sims, k, records)
 
 
-def fused_sweep(
-    logits: Tensor,
-    keys: Tensor,
-    log_u: Tensor,
-    num_proposals: Tensor,
-    burn_in: Tensor,
-    column: Tensor,
-    score: Tensor,
-    *,
-    pairs: bool = False,
-) -> SweepResult:
-    """:func:`reference_sweep` as one compiled kernel, identical results (raises
-    :class:`negbench.kernels.emc2.KernelUnavailable` where it cannot run)."""
-    out = kernels.fused_sweep(logits, keys, log_u, num_proposals, burn_in, column, score, pairs=pairs)
-    late_count = (num_proposals - burn_in).clamp_min(0)
-    return SweepResult(out.column, out.score, out.accepted, out.records, out.accepted_after_burn_in, late_count)
-
-
-@dataclass
-class StepSweep:
-    """What a step needs from its sweep: the rows' final chain states and the histogram of the
-    used records (``counts[a, c]`` = records of anchor a on column c), with per-row tallies."""
-
-    column: Tensor
-    score: Tensor
-    accepted: Tensor
-    accepted_after_burn_in: Tensor
-    proposals_after_burn_in: Tensor
-    counts: Tensor  # (A, C)
-    used: Tensor  # (A,) records on an in-batch column
-    out_of_batch: Tensor  # (A,) records on OUT_OF_BATCH
-    recorded: Tensor  # (A,) all records
-
-
-def tally(result: SweepResult, num_columns: int, dtype: torch.dtype) -> StepSweep:
-    """The histogram and tallies of a sweep's records (the reference of the fused kernel's)."""
-    records = result.records
-    used = records >= 0
-    counts = torch.zeros(records.shape[0], num_columns + 1, dtype=dtype, device=records.device)
-    counts.scatter_add_(1, torch.where(used, records, num_columns), used.to(dtype))
-    return StepSweep(
+def tally(result: SweepResult, sims: Tensor, num_proposal_columns: int, records: bool = False) -> kernels.Sweep:
+    """A sweep's records as :class:`~negbench.kernels.emc2.Sweep`: tallies and W = the
+    histogram of the records on columns ≥ 0 over their number (the reference of the kernels')."""
+    rec = result.records
+    num_columns, dtype = sims.shape[1], sims.dtype
+    used = rec >= 0
+    counts = torch.zeros(rec.shape[0], num_columns + 1, dtype=dtype, device=rec.device)
+    counts.scatter_add_(1, torch.where(used, rec, num_columns), used.to(dtype))
+    num_used = used.sum(dim=1)
+    return kernels.Sweep(
         result.column, result.score, result.accepted, result.accepted_after_burn_in, result.proposals_after_burn_in,
-        counts[:, :num_columns], used.sum(dim=1), (records == OUT_OF_BATCH).sum(dim=1),
-        (records != NOT_RECORDED).sum(dim=1),
+        num_used, (rec == OUT_OF_BATCH).sum(dim=1), (rec >= num_proposal_columns).sum(dim=1),
+        counts[:, :num_columns] / num_used.clamp_min(1).to(dtype)[:, None], rec if records else None,
     )
 
 
@@ -241,6 +238,8 @@ class EMC2Sampler(Sampler):
         self.chain_score = torch.full((num_chains,), float("-inf"), dtype=torch.float32, device=ctx.device)
         self.chain_step = torch.zeros(num_chains, dtype=torch.int32, device=ctx.device)
         self.steps_done = 0
+        # the Philox key of the sweeps: one draw from the run's sampler generator (checkpointed)
+        self.philox_key = int(torch.randint(0, 2**63 - 1, (), generator=self.generator, device=self.generator.device))
         self._fused = self._resolve_kernel(ctx.device)
         self._reset_counters()
 
@@ -281,33 +280,25 @@ class EMC2Sampler(Sampler):
         return Extras(items, views, owner=need)
 
     def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
-        num_anchors, num_candidates = sims.shape
-        device = sims.device
+        num_anchors = sims.shape[0]
         chains = self._chain_ids(batch)
         cand_ids = self._candidate_ids(batch.candidate_items, batch.candidate_views)
         valid = batch.valid
 
         # Where does each chain's current state sit among this step's candidates?
         state = self.chain_state[chains].long()
-        match = (state[:, None] == cand_ids[None, :]) & valid
-        has_column = match.any(dim=1)
-        start_column = torch.where(has_column, match.to(torch.uint8).argmax(dim=1), torch.full_like(state, OUT_OF_BATCH))
+        match = (state[:, None] == cand_ids[None, :]).logical_and_(valid)
+        first = match.view(torch.uint8).argmax(dim=1)  # the first matching column, or 0 if none
+        has_column = match.gather(1, first[:, None]).squeeze(1)
+        start_column = torch.where(has_column, first, torch.full_like(state, OUT_OF_BATCH))
         start_score = self.chain_score[chains]
         ages = (self.steps_done - self.chain_step[chains]).double()
         started = state >= 0
 
-        # Proposals: the valid in-batch candidates in a uniformly random order per anchor (the
-        # stable argsort of uniform keys, invalid columns last). Both kernels consume exactly
-        # these random numbers.
-        in_batch_valid = batch.in_batch_valid
-        keys = torch.rand(num_anchors, num_anchors, generator=self.generator, device=device, dtype=torch.float32)
-        keys.masked_fill_(~in_batch_valid, 2.0)
-        num_proposals = in_batch_valid.sum(dim=1)
-        burn = torch.floor(self.burn_in * num_proposals.double()).long()
-        logits = (self.beta * sims[:, :num_anchors]).float()
-        log_u = torch.rand(num_anchors, num_anchors, generator=self.generator, device=device, dtype=torch.float32).log_()
-        sweep = self._sweep(logits, keys, log_u, num_proposals, burn, start_column, start_score,
-                            num_candidates, sims.dtype)
+        # The sweep: proposals, random numbers (Philox, counter = this step) and W in one kernel.
+        sweep = self._sweep(kernels.SweepInputs(
+            sims, valid, start_column, start_score, self.beta, self.burn_in, self.philox_key, self.steps_done,
+            num_anchors, pairs=self.mode == "item"))
 
         if self.mode == "item":  # rows 2k, 2k+1 swept item k's chain in turn
             final_column, final_score = sweep.column[1::2], sweep.score[1::2]
@@ -322,17 +313,13 @@ class EMC2Sampler(Sampler):
         step = self.chain_step[chains_written]
         self.chain_step[chains_written] = torch.where(accepted, torch.full_like(step, self.steps_done), step)
 
-        # W_ac = (#records on c) / (#used records)
-        weights = sweep.counts / sweep.used.clamp_min(1).to(sims.dtype)[:, None]
-
         # Accumulated on the device: no host synchronisation in a step. A record on an
         # out-of-batch state is either dropped (OUT_OF_BATCH) or, with stale=refresh, falls on
         # the refreshed extra column (beyond the A in-batch ones): stale_frac counts both.
-        refreshed = sweep.counts[:, num_anchors:].sum()
         self._counters += torch.stack([
             sweep.accepted_after_burn_in.sum(),
-            sweep.proposals_after_burn_in.sum(),
-            sweep.out_of_batch.sum() + refreshed.to(sweep.out_of_batch.dtype),
+            sweep.recorded.sum(),
+            sweep.out_of_batch.sum() + sweep.extra.sum(),
             sweep.recorded.sum(),
             (sweep.used == 0).sum(),
             (ages * started).sum(),
@@ -340,7 +327,7 @@ class EMC2Sampler(Sampler):
         ]).double()
         self._anchors_seen += num_anchors
         self.steps_done += 1
-        return weights
+        return sweep.weights
 
     # ---- the sweep kernel -------------------------------------------------------------------
     def _resolve_kernel(self, device: torch.device) -> bool:
@@ -370,23 +357,14 @@ class EMC2Sampler(Sampler):
             return "reference"
         return "triton" if self.chain_state.device.type == "cuda" else "c"
 
-    def _sweep(self, logits: Tensor, keys: Tensor, log_u: Tensor, num_proposals: Tensor, burn: Tensor,
-               start_column: Tensor, start_score: Tensor, num_columns: int, dtype: torch.dtype) -> StepSweep:
-        args = (logits, keys, log_u, num_proposals, burn, start_column, start_score)
-        pairs = self.mode == "item"
-        if self._fused and dtype in (torch.float32, torch.float64):
+    def _sweep(self, inputs: kernels.SweepInputs) -> kernels.Sweep:
+        if self._fused and inputs.sims.dtype in (torch.float32, torch.float64):
             try:
-                out = kernels.fused_sweep(*args, pairs=pairs, records=False, count_columns=num_columns, count_dtype=dtype)
+                return kernels.fused_sweep(inputs)
             except kernels.KernelUnavailable as exc:  # e.g. the Triton JIT failed at first launch
-                self._kernel_unavailable(logits.device, str(exc))
+                self._kernel_unavailable(inputs.sims.device, str(exc))
                 self._fused = False
-            else:
-                assert out.counts is not None
-                return StepSweep(
-                    out.column, out.score, out.accepted, out.accepted_after_burn_in,
-                    (num_proposals - burn).clamp_min(0), out.counts, out.used, out.out_of_batch, out.recorded,
-                )
-        return tally(reference_sweep(*args, pairs=pairs), num_columns, dtype)
+        return reference_sweep(inputs)
 
     def diagnostics(self) -> dict[str, float]:
         accepted, proposals, stale, records, empty, age_sum, age_count = self._counters.tolist()
@@ -401,8 +379,9 @@ class EMC2Sampler(Sampler):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "steps_done": self.steps_done}
+        return {**super().state_dict(), "steps_done": self.steps_done, "philox_key": self.philox_key}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.steps_done = int(state["steps_done"])
+        self.philox_key = int(state.get("philox_key", self.philox_key))

@@ -67,3 +67,20 @@ def test_samplers_over_the_candidate_cap_are_reported_as_not_applicable(tmp_path
 
 
 # Bad input (every command, one table): tests/test_bad_input.py
+
+
+def test_sampler_variants_are_measured_side_by_side(tmp_path, capsys, one_thread):
+    """``name:key=value`` entries (the default list adds emc2:kernel=reference): both emc2
+    kernels in one interleaved run, each row naming its backend; the same seed, so the same
+    weights."""
+    code, stdout, err = invoke(capsys, "bench", "--smoke", "--threads", "1", "--part", "sampler", "--samplers",
+                               "emc2,emc2:kernel=reference", "--out", str(tmp_path), "--quiet")
+    assert code == 0, err
+    frame = pd.read_csv(tmp_path / "bench-cpu.csv").set_index("sampler")
+    assert list(frame.index) == ["in_batch", "emc2", "emc2:kernel=reference"]
+    assert frame.loc["emc2:kernel=reference", "backend"] == "reference"
+    assert frame.loc["emc2:kernel=reference", "state_bytes_per_item"] == 12
+    assert frame.loc["emc2", "backend"] == ("c" if kernels.unavailable_reason("cpu") is None else "reference")
+    assert "emc2:kernel=reference" in bench.resolve(bench.BenchConfig(part="sampler", out=tmp_path))[2]
+    code, _, err = invoke(capsys, "bench", "--smoke", "--samplers", "emc2:kernel=bogus", "--out", str(tmp_path))
+    assert code == 2 and "kernel" in err and "Traceback" not in err

@@ -91,24 +91,36 @@ def test_chain_view_needs_finite_views():
 
 
 def test_chain_item_second_view_continues_first_views_chain(monkeypatch):
+    """mh_sweep_pairs (one walk of 2K steps per item) is mh_sweep of row 2k, then of row 2k+1
+    from the score and state row 2k ended on (its own start column if row 2k accepted nothing);
+    and chain=item sweeps go through it."""
+    gen = torch.Generator().manual_seed(3)
+    rows, k = 12, 7
+    scores = 5 * (2 * torch.rand(rows, k, generator=gen) - 1)
+    columns = torch.stack([torch.randperm(k, generator=gen) for _ in range(rows)])
+    num = torch.randint(0, k + 1, (rows,), generator=gen)
+    burn = (0.5 * num).floor().long()
+    start_column = torch.randint(-1, k, (rows,), generator=gen)
+    start_score = 5 * (2 * torch.rand(rows, generator=gen) - 1)
+    start_score[0] = 1e30  # row 0 accepts nothing: row 1 starts from its own column
+    log_u = torch.rand(rows, k, generator=gen).log()
+    got = emc2_module.mh_sweep_pairs(scores, columns, num, burn, start_column, start_score, log_u)
+    first, second = slice(0, None, 2), slice(1, None, 2)
+    r1 = mh_sweep(scores[first], columns[first], num[first], burn[first], start_column[first], start_score[first],
+                  log_u[first])
+    r2 = mh_sweep(scores[second], columns[second], num[second], burn[second],
+                  torch.where(r1.accepted, r1.column, start_column[second]), r1.score, log_u[second])
+    for name in ("column", "score", "accepted", "records", "accepted_after_burn_in", "proposals_after_burn_in"):
+        expected = torch.stack([getattr(r1, name), getattr(r2, name)], dim=1).flatten(0, 1)
+        assert torch.equal(getattr(got, name), expected), name
+    assert not r1.accepted[0] and r1.accepted.any()
+
     calls = []
-    real = emc2_module.mh_sweep
-
-    def spy(*args):
-        result = real(*args)
-        calls.append((args, result))
-        return result
-
-    monkeypatch.setattr(emc2_module, "mh_sweep", spy)
-    views = frozen_views()
+    real = emc2_module.mh_sweep_pairs
+    monkeypatch.setattr(emc2_module, "mh_sweep_pairs", lambda *a: calls.append(a) or real(*a))
     sampler = bound_sampler("emc2", chain="item", kernel="reference")
-    run_steps(sampler, views, steps=3, batch_size=5)
-    assert len(calls) == 6  # two phases per step
-    for first, second in zip(calls[0::2], calls[1::2]):
-        (_, first_result), (second_args, _) = first, second
-        torch.testing.assert_close(second_args[5], first_result.score)  # score carried over
-        moved = first_result.accepted
-        assert torch.equal(second_args[4][moved], first_result.column[moved])  # state carried over
+    run_steps(sampler, frozen_views(), steps=3, batch_size=5)
+    assert len(calls) == 3
 
 
 def test_stale_drop_and_refresh():

@@ -1,5 +1,6 @@
 """The fused EMC² sweep (C on the CPU, Triton on CUDA) against the pure-PyTorch reference
-``mh_sweep``: identical states, scores, records and counts for identical random numbers."""
+``reference_sweep``: the same Philox-4x32-10 random numbers (checked against the Random123
+known-answer vectors), and identical states, scores, records and weights."""
 
 from __future__ import annotations
 
@@ -8,40 +9,105 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from negbench.errors import UserError
 from negbench.kernels import emc2 as kernels
+from negbench.kernels.emc2 import SweepInputs
+from negbench.kernels.philox import log_uniform, philox4x32
 from negbench.samplers import emc2 as emc2_module
-from negbench.samplers.emc2 import NOT_RECORDED, OUT_OF_BATCH, fused_sweep, mh_sweep, reference_sweep, tally
+from negbench.samplers.emc2 import NOT_RECORDED, OUT_OF_BATCH, mh_sweep, reference_sweep
 from samplerkit import bound_sampler, frozen_views, run_steps
-
-FIELDS = ("column", "score", "accepted", "records", "accepted_after_burn_in", "proposals_after_burn_in")
-TALLIES = ("counts", "used", "out_of_batch", "recorded")
 
 pytestmark = pytest.mark.skipif(kernels.unavailable_reason("cpu") is not None,
                                 reason=f"no fused CPU sweep here: {kernels.unavailable_reason('cpu')}")
 
+#: Random123's kat_vectors (github.com/DEShawResearch/random123, tests/kat_vectors): name,
+#: rounds, counter (4 words), key (2 words), expected output (4 words)
+KAT = """
+philox4x32 7 00000000 00000000 00000000 00000000 00000000 00000000 5f6fb709 0d893f64 4f121f81 4f730a48
+philox4x32 7 ffffffff ffffffff ffffffff ffffffff ffffffff ffffffff 5207ddc2 45165e59 4d8ee751 8c52f662
+philox4x32 7 243f6a88 85a308d3 13198a2e 03707344 a4093822 299f31d0 4dfccaba 190a87f0 c47362ba b6b5242a
+philox4x32 10 00000000 00000000 00000000 00000000 00000000 00000000 6627e8d5 e169c58d bc57ac4c 9b00dbd8
+philox4x32 10 ffffffff ffffffff ffffffff ffffffff ffffffff ffffffff 408f276d 41c83b0e a20bc7c6 6d5451fd
+philox4x32 10 243f6a88 85a308d3 13198a2e 03707344 a4093822 299f31d0 d16cfe09 94fdcceb 5001e420 24126ea1
+"""
+KAT_ROWS = [(int(r), tuple(int(w, 16) for w in ws[:4]), tuple(int(w, 16) for w in ws[4:6]),
+             tuple(int(w, 16) for w in ws[6:])) for _, r, *ws in (line.split() for line in KAT.strip().splitlines())]
+RESULT_FIELDS = kernels.Sweep._fields
 
-def random_sweep_inputs(seed: int, rows: int, k: int, beta: float, device: str = "cpu", extra_columns: int = 3):
+
+@pytest.mark.parametrize(("rounds", "counter", "key", "expected"), KAT_ROWS)
+def test_philox_matches_the_random123_known_answers(rounds, counter, key, expected):
+    words = philox4x32(tuple(torch.tensor([c]) for c in counter), key, rounds=rounds)
+    assert tuple(int(w) for w in words) == expected
+    if rounds == 10:
+        assert kernels.cpu_philox(counter, key) == expected
+
+
+def test_philox_is_vectorised_per_element():
+    """A batch of counters gives, element by element, the single-counter outputs."""
+    gen = torch.Generator().manual_seed(0)
+    counter = tuple(torch.randint(0, 2**32, (50,), generator=gen) for _ in range(4))
+    batch = philox4x32(counter, (0xA4093822, 0x299F31D0))
+    for i in range(0, 50, 7):
+        one = kernels.cpu_philox(tuple(int(c[i]) for c in counter), (0xA4093822, 0x299F31D0))
+        assert one == tuple(int(w[i]) for w in batch)
+
+
+def test_log_uniform_on_all_2_24_inputs():
+    """log U against numpy's float64 log: below one float32 ulp everywhere, and C = PyTorch bit
+    for bit."""
+    bits = torch.arange(2**24, dtype=torch.int64) << 8
+    got = log_uniform(bits)
+    exact = np.log((np.arange(2**24, dtype=np.float64) + 1) * 2.0**-24)
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    ulp[exact == 0] = np.spacing(np.float32(1))
+    assert (np.abs(got.double().numpy() - exact) / ulp).max() < 1.0
+    assert got[-1] == 0 and bool((got[:-1] < 0).all())
+    assert torch.equal(kernels.cpu_log_uniform(bits | 0xAB), got)  # the low 8 bits are unused
+
+
+def test_random_streams_are_uniform():
+    """Sort keys give uniformly random proposal orders (chi-square over the 24 orders of 4
+    columns) and U is uniform (Kolmogorov-Smirnov)."""
+    rows = 24_000
+    inputs = sweep_inputs(torch.zeros(rows, 4), torch.ones(rows, 4, dtype=torch.bool), key=99, step=5)
+    keys, log_u = kernels.random_streams(inputs)
+    order = keys.argsort(dim=1)
+    codes = (order * torch.tensor([64, 16, 4, 1])).sum(1)
+    _, counts = torch.unique(codes, return_counts=True)
+    assert counts.numel() == 24 and stats.chisquare(counts.numpy()).pvalue > 1e-3
+    assert stats.kstest(log_u.exp().flatten().double().numpy(), "uniform").pvalue > 1e-3
+    other_step = kernels.random_streams(sweep_inputs(torch.zeros(rows, 4), inputs.valid, key=99, step=6))[0]
+    assert (other_step != keys).float().mean() > 0.99  # another step draws other numbers
+
+
+def sweep_inputs(sims, valid, column=None, score=None, *, beta=5.0, burn_in=0.5, key=12345, step=0, k=None,
+                 pairs=False) -> SweepInputs:
+    rows = sims.shape[0]
+    column = torch.full((rows,), OUT_OF_BATCH) if column is None else column
+    score = torch.full((rows,), float("-inf")) if score is None else score
+    return SweepInputs(sims, valid, column, score, beta, burn_in, key, step, sims.shape[1] if k is None else k, pairs)
+
+
+def random_inputs(seed: int, rows: int, k: int, beta: float, *, dtype=torch.float32, pairs=False, extra_columns=3,
+                  device: str = "cpu") -> SweepInputs:
     """Inputs like a step's: valid masks with different numbers of proposals per row (some
-    none), burn-in lengths from 0 to all, keys with ties, unstarted (-inf), all-rejecting
-    (+inf, or a score no proposal beats) and out-of-batch (-1) chains."""
+    none), burn-in lengths from 0 to all, unstarted (-inf), all-rejecting (+inf, or a score no
+    proposal beats) and out-of-batch (-1) chains, start columns on extras (columns >= K)."""
     g = torch.Generator().manual_seed(seed)
-    valid = torch.rand(rows, k, generator=g) < torch.rand(rows, 1, generator=g)
+    columns = k + extra_columns
+    valid = torch.rand(rows, columns, generator=g) < torch.rand(rows, 1, generator=g)
     valid[0] = False  # a row without proposals
-    keys = torch.rand(rows, k, generator=g)
-    keys[rows // 2 :] = (keys[rows // 2 :] * 4).floor() / 4  # many ties: the order must be stable
-    keys = keys.masked_fill(~valid, 2.0)
-    num_proposals = valid.sum(1)
-    burn_in = (torch.rand(rows, generator=g) * (num_proposals + 1)).floor().long().clamp(max=num_proposals)
-    sims = torch.rand(rows, k, generator=g) * 2 - 1
-    logits = (beta * sims).float()
-    log_u = torch.rand(rows, k, generator=g).log()
-    column = torch.randint(-1, k + extra_columns, (rows,), generator=g)  # start columns may be extras
+    sims = (torch.rand(rows, columns, generator=g) * 2 - 1).to(dtype)
+    column = torch.randint(-1, columns, (rows,), generator=g)
     score = (beta * (torch.rand(rows, generator=g) * 2 - 1)).float()
     kind = torch.randint(0, 4, (rows,), generator=g)
     score[kind == 0] = float("-inf")  # not started: the first proposal is always accepted
@@ -49,88 +115,127 @@ def random_sweep_inputs(seed: int, rows: int, k: int, beta: float, device: str =
     score[kind == 2] = 1e30  # rejects everything too (a finite score no proposal beats)
     column[kind == 0] = OUT_OF_BATCH
     column[(kind == 1) & (torch.arange(rows) % 2 == 0)] = OUT_OF_BATCH  # stuck on an out-of-batch state
-    args = (logits, keys, log_u, num_proposals, burn_in, column, score)
-    return tuple(t.to(device) for t in args)
+    valid[1], column[1], score[:2] = True, k, 1e30  # row 1 stays on an extra column (row 0 has no proposals)
+    burn_in = float(torch.rand((), generator=g))
+    inputs = sweep_inputs(sims, valid, column, score, beta=beta, burn_in=burn_in, key=seed * 7919 + 2**40, step=seed,
+                          k=k, pairs=pairs)
+    return replace(inputs, sims=sims.to(device), valid=valid.to(device), column=column.to(device),
+                   score=score.to(device))
 
 
-def assert_same(got, expected, fields=FIELDS):
+def assert_same(got: kernels.Sweep, expected: kernels.Sweep, fields=RESULT_FIELDS) -> None:
     for name in fields:
         a, b = getattr(got, name), getattr(expected, name)
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs:\n{a}\n{b}"
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{name} differs:\n{a}\n{b}"
 
 
-def test_a_hand_computed_sweep():
-    """One row, proposals visited in key order 1, 0, 2 (the tie between columns 0 and 2 is
-    broken by column); log U decides each step."""
-    logits = torch.tensor([[1.0, 5.0, 3.0, 9.0]])
-    keys = torch.tensor([[0.5, 0.1, 0.5, 2.0]])  # column 3 is invalid
-    log_u = torch.tensor([[-1.0, 0.0, -2.5, 0.0]])
-    num_proposals, burn_in = torch.tensor([3]), torch.tensor([1])
-    column, score = torch.tensor([-1]), torch.tensor([4.0])
-    # t=0: c=1, 5-4=1 > -1: accept (ℓ=5, burn-in); t=1: c=0, 1-5=-4 < 0: reject;
-    # t=2: c=2, 3-5=-2 > -2.5: accept (ℓ=3)
-    for result in (reference_sweep(logits, keys, log_u, num_proposals, burn_in, column, score),
-                   fused_sweep(logits, keys, log_u, num_proposals, burn_in, column, score)):
-        assert result.records.tolist() == [[NOT_RECORDED, 1, 2, NOT_RECORDED]]
-        assert result.column.tolist() == [2] and result.score.tolist() == [3.0]
-        assert result.accepted.tolist() == [True] and result.accepted_after_burn_in.tolist() == [1]
-        assert result.proposals_after_burn_in.tolist() == [2]
+def scalar_sweep(inputs: SweepInputs) -> list[tuple[int, float, list[int]]]:
+    """The contract in plain Python from the materialised random numbers: per row, the final
+    column and score and the records (pairs: row 2k+1 continues row 2k's chain)."""
+    keys, log_u = kernels.random_streams(inputs)
+    logits = kernels.logits_of(inputs)
+    k, out = inputs.num_proposal_columns, []
+    for r in range(inputs.sims.shape[0]):
+        cols = sorted((int(keys[r, c]), c) for c in range(k) if inputs.valid[r, c])
+        if inputs.pairs and r % 2:
+            column = column if moved else int(inputs.column[r])  # noqa: F821 (the previous row's)
+        else:
+            column, score = int(inputs.column[r]), float(inputs.score[r])
+        burn, records, moved = int(np.floor(inputs.burn_in * len(cols))), [], False
+        for t, (_, c) in enumerate(cols):
+            if float(log_u[r, t]) < np.float32(float(logits[r, c]) - score):
+                column, score, moved = c, float(logits[r, c]), True
+            records.append(column if t >= burn else NOT_RECORDED)
+        out.append((column, score, records + [NOT_RECORDED] * (k - len(cols))))
+    return out
 
 
-def threshold_inputs():
-    """Two rows whose first log U equals the threshold β s − ℓ exactly (reject: strict <)."""
-    logits = torch.tensor([[0.7, 0.2], [0.7, 0.2]])
-    keys = torch.tensor([[0.1, 0.9], [0.1, 0.9]])
-    score = torch.tensor([0.3, 0.3])
-    log_u = torch.stack([logits[:, 0] - score, torch.full((2,), -50.0)], dim=1)
-    return logits, keys, log_u, torch.tensor([2, 2]), torch.tensor([0, 0]), torch.tensor([5, 6]), score
+@pytest.mark.parametrize("pairs", [False, True])
+def test_both_sweeps_follow_the_contract_in_plain_python(pairs):
+    inputs = random_inputs(4, rows=10, k=9, beta=5.0, pairs=pairs)
+    expected = scalar_sweep(inputs)
+    for result in (reference_sweep(inputs, records=True), kernels.fused_sweep(inputs, records=True)):
+        assert [int(c) for c in result.column] == [e[0] for e in expected]
+        assert [float(s) for s in result.score] == [np.float32(e[1]) for e in expected]
+        assert result.records.tolist() == [e[2] for e in expected]
+        rec = result.records
+        for r in range(rec.shape[0]):
+            used = [x for x in rec[r].tolist() if x >= 0]
+            want = np.bincount(used, minlength=inputs.sims.shape[1]) / max(len(used), 1)
+            np.testing.assert_allclose(result.weights[r].numpy(), want, rtol=1e-6)
 
 
 def test_acceptance_is_strict_at_equality():
-    for result in (reference_sweep(*threshold_inputs()), fused_sweep(*threshold_inputs())):
-        assert result.records.tolist() == [[5, 1], [6, 1]]
-
-
-@pytest.mark.parametrize("beta", [5.0, 100.0])
-@pytest.mark.parametrize("pairs", [False, True])
-@pytest.mark.parametrize("seed", range(3))
-def test_fused_sweep_equals_mh_sweep(seed, pairs, beta):
-    args = random_sweep_inputs(seed, rows=24, k=37, beta=beta)
-    logits, keys = args[:2]
-    expected = reference_sweep(*args, pairs=pairs)
-    if not pairs:  # reference_sweep is argsort + gather + mh_sweep; say it with mh_sweep itself
-        order = keys.argsort(dim=1, stable=True)
-        assert_same(mh_sweep(logits.gather(1, order), order, *args[3:5], args[5], args[6], args[2]), expected)
-    got = fused_sweep(*args, pairs=pairs)
-    assert_same(got, expected)
-    # the ingredients of the test are all there
-    assert (expected.records == OUT_OF_BATCH).any() and (expected.records == NOT_RECORDED).any()
-    assert not expected.accepted.all() and expected.accepted.any()
+    """A proposal whose log score minus the stored one equals log U exactly is rejected; a
+    stored score one float below it is accepted."""
+    sims, valid, start = torch.zeros(2, 5), torch.ones(2, 5, dtype=torch.bool), torch.tensor([3, 4])  # 3, 4: extras
+    log_u0 = kernels.random_streams(sweep_inputs(sims, valid, key=5, k=3))[1][:, 0]
+    score = -log_u0  # 0 - score == log U exactly
+    nudged = torch.nextafter(score, torch.full_like(score, -1e9))
+    at_equality, below = (sweep_inputs(sims, valid, start, s, key=5, burn_in=0.0, k=3) for s in (score, nudged))
+    assert reference_sweep(at_equality, records=True).records[:, 0].tolist() == [3, 4]
+    first = reference_sweep(below, records=True).records[:, 0]
+    assert ((first >= 0) & (first < 3)).all()
+    for inputs in (at_equality, below):
+        assert_same(kernels.fused_sweep(inputs, records=True), reference_sweep(inputs, records=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [5.0, 100.0])
 @pytest.mark.parametrize("pairs", [False, True])
-def test_fused_counts_and_tallies_equal_the_reference(pairs, dtype):
-    args = random_sweep_inputs(7, rows=30, k=21, beta=100.0)
-    columns = 21 + 3
-    expected = tally(reference_sweep(*args, pairs=pairs), columns, dtype)
-    got = kernels.fused_sweep(*args, pairs=pairs, records=False, count_columns=columns, count_dtype=dtype)
-    assert got.records is None
-    assert_same(got, expected, ("column", "score", "accepted", "accepted_after_burn_in", *TALLIES))
+@pytest.mark.parametrize("seed", range(3))
+def test_fused_sweep_equals_the_reference(seed, pairs, beta, dtype):
+    inputs = random_inputs(seed, rows=24, k=37, beta=beta, dtype=dtype, pairs=pairs)
+    expected = reference_sweep(inputs, records=True)
+    assert_same(kernels.fused_sweep(inputs, records=True), expected)
+    assert_same(kernels.fused_sweep(inputs), expected._replace(records=None))
+    # the ingredients of the test are all there
+    rec = expected.records
+    assert (rec == OUT_OF_BATCH).any() and (rec == NOT_RECORDED).any() and (rec >= inputs.num_proposal_columns).any()
+    assert not expected.accepted.all() and expected.accepted.any()
+
+
+def test_reference_sweep_is_mh_sweep_in_proposal_order():
+    """reference_sweep = mh_sweep over the columns sorted by their keys (invalid ones last)."""
+    inputs = random_inputs(5, rows=16, k=20, beta=5.0)
+    keys, log_u = kernels.random_streams(inputs)
+    proposable = inputs.valid[:, :20]
+    order = keys.masked_fill(~proposable, 2**32).argsort(dim=1, stable=True)
+    num = proposable.sum(1)
+    expected = mh_sweep(kernels.logits_of(inputs).gather(1, order), order, num,
+                        torch.floor(inputs.burn_in * num.double()).long(), inputs.column, inputs.score, log_u)
+    got = reference_sweep(inputs, records=True)
+    assert torch.equal(got.records, expected.records) and torch.equal(got.column, expected.column)
 
 
 def test_large_batches_use_the_counting_sort_correctly():
-    """K = 600 (the bucket sort's expected-linear path with many buckets) and 2-way ties."""
-    args = random_sweep_inputs(11, rows=16, k=600, beta=100.0)
-    assert_same(fused_sweep(*args, pairs=True), reference_sweep(*args, pairs=True))
+    """K = 600 (the bucket sort's expected-linear path with many buckets)."""
+    inputs = random_inputs(11, rows=16, k=600, beta=100.0, pairs=True)
+    assert_same(kernels.fused_sweep(inputs, records=True), reference_sweep(inputs, records=True))
+
+
+def test_weights_are_normalised_and_zero_without_records():
+    inputs = random_inputs(2, rows=30, k=25, beta=5.0)
+    sweep = kernels.fused_sweep(inputs)
+    sums = sweep.weights.sum(1)
+    torch.testing.assert_close(sums[sweep.used > 0], torch.ones_like(sums[sweep.used > 0]))
+    assert (sums[sweep.used == 0] == 0).all() and (sweep.used == 0).any()
+    assert (sweep.weights >= 0).all()
 
 
 def test_fused_sweep_rejects_bad_inputs():
-    args = list(random_sweep_inputs(0, rows=4, k=5, beta=5.0))
+    inputs = random_inputs(0, rows=4, k=5, beta=5.0)
     with pytest.raises(ValueError, match="float32"):
-        kernels.fused_sweep(args[0].double(), *args[1:])
+        kernels.fused_sweep(replace(inputs, score=inputs.score.double()))
     with pytest.raises(ValueError, match="even"):
-        kernels.fused_sweep(*[a[:3] for a in args], pairs=True)
+        kernels.fused_sweep(replace(inputs, sims=inputs.sims[:3], valid=inputs.valid[:3], column=inputs.column[:3],
+                                    score=inputs.score[:3], pairs=True))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        kernels.fused_sweep(replace(inputs, sims=inputs.sims.half()))
+    with pytest.raises(ValueError, match="step"):
+        kernels.fused_sweep(replace(inputs, step=2**32))
 
 
 @pytest.mark.parametrize("chains", [2, None])  # chain=view (m = 2), chain=item (random augmentations)
@@ -185,27 +290,41 @@ def test_the_library_is_built_into_the_cache_folder(monkeypatch, tmp_path):
     info = kernels.cpu_build_info()
     assert not info["cached"] and info["build_seconds"] > 0 and Path(info["path"]).parent == tmp_path / "kernels"
     assert Path(info["path"]).exists() and not list((tmp_path / "kernels").glob(".*.tmp"))
-    args = random_sweep_inputs(3, rows=6, k=9, beta=5.0)
-    assert_same(fused_sweep(*args), reference_sweep(*args))
+    inputs = random_inputs(3, rows=6, k=9, beta=5.0)
+    assert_same(kernels.fused_sweep(inputs), reference_sweep(inputs))
 
 
 TRITON_CHECK = textwrap.dedent("""
     import torch
-    from negbench.kernels import _emc2_triton, emc2 as kernels
-    from negbench.samplers.emc2 import reference_sweep, tally
-    from test_emc2_kernels import random_sweep_inputs, threshold_inputs
-    cases = [(random_sweep_inputs(0, rows=10, k=13, beta=100.0), False),
-             (random_sweep_inputs(1, rows=10, k=13, beta=100.0), True), (threshold_inputs(), False)]
-    for args, pairs in cases:
-        rows, k = args[0].shape
-        out = kernels._outputs(rows, k, torch.device("cpu"), True, 16, torch.float32)
-        _emc2_triton.triton_sweep(*args, pairs, out)
-        ref = reference_sweep(*args, pairs=pairs)
-        tallied = tally(ref, 16, torch.float32)
-        for name in ("column", "score", "accepted", "records", "accepted_after_burn_in"):
-            assert torch.equal(getattr(out, name), getattr(ref, name)), name
-        for name in ("counts", "used", "out_of_batch", "recorded"):
-            assert torch.equal(getattr(out, name), getattr(tallied, name)), name
+    import triton
+    import triton.language as tl
+    from dataclasses import replace
+    from negbench.kernels import _emc2_triton
+    from negbench.kernels.philox import philox4x32
+    from negbench.samplers.emc2 import reference_sweep
+    from test_emc2_kernels import assert_same, random_inputs, KAT_ROWS
+
+    @triton.jit
+    def philox_kernel(c_ptr, out_ptr, seed, N: tl.constexpr):
+        i = tl.arange(0, N)
+        c = [tl.load(c_ptr + w * N + i).to(tl.uint32) for w in range(4)]
+        x = tl.philox(seed, c[0], c[1], c[2], c[3])
+        for w in tl.static_range(4):
+            tl.store(out_ptr + w * N + i, x[w].to(tl.int64) & 0xFFFFFFFF)
+
+    # Triton's own Philox-4x32-10 = negbench's (and the known answers)
+    counters = torch.randint(0, 2**32, (4, 16), generator=torch.Generator().manual_seed(1))
+    for _, counter, key, expected in [r for r in KAT_ROWS if r[0] == 10]:
+        counters[:, 0] = torch.tensor(counter)
+        out = torch.empty(4, 16, dtype=torch.int64)
+        philox_kernel[(1,)](counters, out, key[0] + (key[1] << 32), N=16)
+        assert tuple(out[:, 0].tolist()) == expected
+        assert all(torch.equal(out[w], x) for w, x in enumerate(philox4x32(tuple(counters), key)))
+    cases = [random_inputs(0, rows=10, k=13, beta=100.0), random_inputs(1, rows=10, k=13, beta=100.0, pairs=True),
+             random_inputs(2, rows=8, k=20, beta=5.0, dtype=torch.float64, pairs=True)]
+    cases.append(replace(cases[0], step=2**32 - 1, key=2**63 - 1))
+    for inputs in cases:
+        assert_same(_emc2_triton.triton_sweep(inputs, True), reference_sweep(inputs, records=True))
     print("triton ok")
 """)
 
@@ -225,11 +344,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.parametrize("pairs", [False, True])
 def test_triton_sweep_equals_the_reference_on_cuda(pairs):
-    args = random_sweep_inputs(5, rows=64, k=300, beta=100.0, device="cuda")
-    assert_same(fused_sweep(*args, pairs=pairs), reference_sweep(*args, pairs=pairs))
-    expected = tally(reference_sweep(*args, pairs=pairs), 303, torch.float32)
-    got = kernels.fused_sweep(*args, pairs=pairs, records=False, count_columns=303)
-    assert_same(got, expected, ("column", "score", "accepted", "accepted_after_burn_in", *TALLIES))
+    inputs = random_inputs(5, rows=64, k=300, beta=100.0, device="cuda", pairs=pairs)
+    assert_same(kernels.fused_sweep(inputs, records=True), reference_sweep(inputs, records=True))
 
 
 @cuda

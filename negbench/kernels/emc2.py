@@ -1,36 +1,48 @@
-"""The fused EMC² sweep (DESIGN §2.1): the whole proposal loop of one sampler step in one kernel.
+"""The fused EMC² sweep (DESIGN §2.1): one sampler step's whole proposal loop in one kernel, with
+its random numbers generated inside it.
 
-Contract of :func:`fused_sweep`. Row r is one anchor's sweep of its chain. Its proposals are
-the columns of ``keys[r]`` in the order of a *stable* ascending argsort (ties by column, as
-``torch.argsort(stable=True)``); proposal t < ``num_proposals[r]`` is column c_t with log score
-``logits[r, c_t]``, and with ℓ the chain's stored log score (start: ``score[r]``)
+Contract of :func:`fused_sweep` (:class:`SweepInputs` in, :class:`Sweep` out). Row r is one
+anchor's sweep of its chain over its valid proposal columns V_r = {c < K : valid[r, c]},
+n_r = |V_r|. Its random numbers come from Philox-4x32-10 (:mod:`negbench.kernels.philox`) under
+the 64-bit ``key``: for j < ⌈K/2⌉ the counter (j, r, step, 0) gives four words x0..x3, where x0
+and x1 are the sort keys of columns 2j and 2j+1 and x2, x3 give log U of proposals 2j and 2j+1
+(:func:`~negbench.kernels.philox.log_uniform`). The proposals are V_r in ascending order of
+(key, column) — a uniformly random order — and proposal t < n_r, column c_t, has log score
+ℓ_t = float32(β·sims[r, c_t]) (β·s in the sims dtype, then rounded to float32). With ℓ the
+chain's stored log score (start: ``score[r]``)
 
-    accept  ⇔  log_u[r, t] < logits[r, c_t] − ℓ,      then  x ← c_t,  ℓ ← logits[r, c_t]
+    accept  ⇔  log U_t < ℓ_t − ℓ,      then  x ← c_t,  ℓ ← ℓ_t
 
-in float32 (log space throughout). The state after each step t ≥ ``burn_in[r]`` is recorded:
-``records[r, t]`` = x's column (the start column ``column[r]``, possibly -1, until something
-is accepted), other entries ``NOT_RECORDED``. With ``pairs=True``, rows 2k and 2k+1 are the two
-views of one item sharing a chain: row 2k+1 starts from the score and state row 2k ended on (or
-from its own ``column[2k+1]`` when row 2k accepted nothing — the same stored state can sit in a
-different column for the other view).
+in float32 (log space throughout). The state after each step t with B_r ≤ t < n_r,
+B_r = ⌊burn_in·n_r⌋, is recorded: x's column (the start column ``column[r]``, possibly -1 =
+out of batch, until something is accepted). The weights are the normalised histogram of the
+records on columns ≥ 0, W[r, c] = #records on c / #records on any column ≥ 0 (0 for a row
+without any). With ``pairs``, rows 2k and 2k+1 are the two views of one item sharing a chain:
+row 2k+1 starts from the score and state row 2k ended on (or from its own ``column[2k+1]`` when
+row 2k accepted nothing — the same stored state can sit in a different column for the other
+view).
 
-This is exactly ``negbench.samplers.emc2.reference_sweep`` (argsort + gather + ``mh_sweep``)
-for the same inputs — same states, scores, records and counts, bit for bit — and is tested
-against it. The random numbers (``keys``, ``log_u``) are drawn by the caller with torch's
-generator, so both paths consume the same stream.
+``negbench.samplers.emc2.reference_sweep`` is the same function in PyTorch
+(:func:`random_streams` materialises the random numbers, then argsort and ``mh_sweep``); both
+give the same states, scores, records and weights, bit for bit (tested). Seeded runs are
+deterministic and resume exactly: the key is part of the sampler's checkpoint and the counter
+holds the checkpointed step.
 
-Backends: on the CPU a small C library (``emc2_sweep.c``: a per-row counting sort of the keys,
-expected O(K), then the sweep; rows in parallel with OpenMP when the compiler has it), built
-with the system C compiler at first use and cached in ``$NEGBENCH_CACHE_DIR`` (default
-``~/.cache/negbench``; plain C without torch headers, so building takes well under a second);
-on CUDA a Triton kernel (``_emc2_triton.py``, after a ``torch.argsort``), no host
-synchronisation. When a backend cannot be used :func:`unavailable_reason` says why and
-:func:`fused_sweep` raises :class:`KernelUnavailable`; the sampler then falls back to the
-reference.
+Backends: on the CPU a small C library (``emc2_sweep.c``: Philox and the log-uniforms in
+blocks the compiler vectorises, a per-row counting sort of the keys, expected O(K), then the
+sweep, which writes the normalised weights; rows in parallel with OpenMP when the compiler has
+it), built with the system C compiler at first use and cached in ``$NEGBENCH_CACHE_DIR``
+(default ``~/.cache/negbench``; plain C without torch headers, so building takes well under a
+second); on CUDA a Triton kernel (``_emc2_triton.py``: log U from Triton's own ``tl.philox``
+inside the kernel; the proposal order from :func:`random_streams` and a ``torch.argsort``
+before the launch), no host synchronisation. When a backend cannot be used
+:func:`unavailable_reason` says why and :func:`fused_sweep` raises :class:`KernelUnavailable`;
+the sampler then falls back to the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -42,15 +54,21 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from negbench.kernels.philox import MASK32, log_uniform, philox4x32
+
 NOT_RECORDED = -2
+OUT_OF_BATCH = -1
 SOURCE = Path(__file__).with_name("emc2_sweep.c")
 #: IEEE float semantics are part of the contract: no -ffast-math, no contraction into FMAs.
 CFLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
+#: tried first, in this order; a compiler that refuses one is retried without it
+OPTIONAL_CFLAGS = (("-march=native",), ("-fopenmp",))
 BUILD_TIMEOUT_S = 120
 
 
@@ -58,16 +76,81 @@ class KernelUnavailable(RuntimeError):
     """The fused sweep cannot run here (no C compiler, no Triton, a failed build...)."""
 
 
-class FusedSweep(NamedTuple):
+@dataclass(frozen=True)
+class SweepInputs:
+    """Everything one step's sweep reads (the module docstring gives the contract)."""
+
+    sims: Tensor  # (R, C) float32 or float64: the similarities of the step
+    valid: Tensor  # (R, C) bool: proposals are the valid columns among the first K
+    column: Tensor  # (R,) integer: the chain's start column (-1: its state is out of batch)
+    score: Tensor  # (R,) float32: the chain's stored log score (-inf: not started)
+    beta: float
+    burn_in: float  # fraction of each row's proposals not recorded
+    key: int  # the 64-bit Philox key (the run's sampler seed)
+    step: int  # the step counter, below 2^32
+    num_proposal_columns: int  # K: proposals come from columns [0, K) (the in-batch ones)
+    pairs: bool = False  # chain=item: rows 2k and 2k+1 share one chain
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.sims.shape[0]), int(self.num_proposal_columns)
+
+
+class Sweep(NamedTuple):
+    """What a sweep returns, per row r (``records`` only when asked for)."""
+
     column: Tensor  # (R,) int64: the final state's column
     score: Tensor  # (R,) float32: the final stored log score
     accepted: Tensor  # (R,) bool: some proposal of this row was accepted
     accepted_after_burn_in: Tensor  # (R,) int64
-    used: Tensor  # (R,) int64: records on an in-batch column (>= 0)
-    out_of_batch: Tensor  # (R,) int64: records equal to OUT_OF_BATCH (-1)
-    recorded: Tensor  # (R,) int64: records of any kind (steps burn_in <= t < num_proposals)
-    records: Tensor | None  # (R, K) int64, when asked for
-    counts: Tensor | None  # (R, count_columns): counts[r, x] = #records of row r equal to x >= 0
+    recorded: Tensor  # (R,) int64: records = proposals after burn-in, max(n_r - B_r, 0)
+    used: Tensor  # (R,) int64: records on a column >= 0 (the weights' denominator)
+    out_of_batch: Tensor  # (R,) int64: records on OUT_OF_BATCH (-1)
+    extra: Tensor  # (R,) int64: records on a column >= K (a refreshed extra)
+    weights: Tensor  # (R, C) in the sims dtype: W[r, c] = records on c / used
+    records: Tensor | None = None  # (R, K) int64: the column after step t, or NOT_RECORDED
+
+
+def check_inputs(inputs: SweepInputs) -> None:
+    """Raise ValueError when ``inputs`` break the shapes and dtypes of the contract."""
+    rows, k = inputs.shape
+    sims, valid = inputs.sims, inputs.valid
+    if sims.dim() != 2 or valid.shape != sims.shape or valid.dtype != torch.bool:
+        raise ValueError(f"sims and valid must be (R, C) tensors, valid bool; got {tuple(sims.shape)}, "
+                         f"{tuple(valid.shape)} {valid.dtype}")
+    if not 0 <= k <= sims.shape[1]:
+        raise ValueError(f"num_proposal_columns must be in [0, {sims.shape[1]}], got {k}")
+    if inputs.score.dtype != torch.float32:
+        raise ValueError(f"score must be float32 (the chains store float32), got {inputs.score.dtype}")
+    for name in ("column", "score"):
+        if getattr(inputs, name).shape != (rows,):
+            raise ValueError(f"{name} must have shape ({rows},), got {tuple(getattr(inputs, name).shape)}")
+    if inputs.pairs and rows % 2:
+        raise ValueError("pairs=True needs an even number of rows (two views per item)")
+    if not 0 <= inputs.step < 2**32:
+        raise ValueError(f"step must be in [0, 2^32), got {inputs.step}")
+
+
+def logits_of(inputs: SweepInputs) -> Tensor:
+    """(R, K) float32: β·s of the proposal columns, in the sims dtype, then rounded to float32."""
+    return (inputs.beta * inputs.sims[:, : inputs.num_proposal_columns]).float()
+
+
+def random_streams(inputs: SweepInputs, *, log_u: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The random numbers of a sweep, materialised: (R, K) int64 sort keys of the columns and
+    (R, K) float32 log U of the proposals (the counters of the module docstring; None without
+    ``log_u``)."""
+    rows, k = inputs.shape
+    device = inputs.sims.device
+    half = (k + 1) // 2
+    j = torch.arange(half, dtype=torch.long, device=device)[None, :]
+    r = torch.arange(rows, dtype=torch.long, device=device)[:, None]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    w0, w1, w2, w3 = philox4x32((j, r, zero + inputs.step, zero), (inputs.key & MASK32, (inputs.key >> 32) & MASK32))
+    keys = torch.stack([w0, w1], dim=2).reshape(rows, 2 * half)[:, :k]
+    if not log_u:
+        return keys, None
+    return keys, log_uniform(torch.stack([w2, w3], dim=2).reshape(rows, 2 * half)[:, :k])
 
 
 # ---- the CPU library ---------------------------------------------------------------------------
@@ -109,11 +192,20 @@ def _writable_folder() -> Path:
     return fallback
 
 
+def _cpu_signature() -> bytes:
+    """What a ``-march=native`` build depends on: the CPU model and its feature flags."""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))})).encode()
+    return platform.processor().encode()
+
+
 def _build(compiler: list[str], target: Path) -> dict[str, Any]:
-    """Compile SOURCE into ``target`` (a temporary file, then an atomic rename): with OpenMP when
-    the compiler supports it, else without."""
+    """Compile SOURCE into ``target`` (a temporary file, then an atomic rename) with as many of
+    ``OPTIONAL_CFLAGS`` as the compiler accepts (``-march=native``: vectorised Philox; OpenMP)."""
     errors = []
-    for extra in (("-fopenmp",), ()):
+    native, openmp = OPTIONAL_CFLAGS
+    for extra in ((*native, *openmp), openmp, native, ()):
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         os.close(fd)
         command = [*compiler, *CFLAGS, *extra, str(SOURCE), "-o", tmp]
@@ -126,10 +218,17 @@ def _build(compiler: list[str], target: Path) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         if proc.returncode == 0:
             os.replace(tmp, target)
-            return {"openmp": bool(extra), "build_seconds": seconds, "command": " ".join(command[:-2])}
+            return {"openmp": openmp[0] in extra, "native": native[0] in extra, "build_seconds": seconds,
+                    "command": " ".join(command[:-2])}
         Path(tmp).unlink(missing_ok=True)
         errors.append((proc.stderr.strip().splitlines() or ["(no output)"])[-1])
     raise KernelUnavailable(f"building the EMC2 sweep with {compiler[0]!r} failed: {errors[-1]}")
+
+
+_P, _I64, _I32, _U32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_double
+#: negbench_emc2_sweep(sims, sims_double, valid, rows, k, ld, beta, burn_in, key0, key1, step,
+#: column, score, pairs, out_column, out_score, out_accepted, out_tallies, weights, records, threads)
+_ARGTYPES = [_P, _I32, _P, _I64, _I64, _I64, _F64, _F64, _U32, _U32, _U32, _P, _P, _I32, _P, _P, _P, _P, _P, _P, _I32]
 
 
 def _load_cpu_library() -> Any:
@@ -142,9 +241,10 @@ def _load_cpu_library() -> Any:
         try:
             compiler = _compiler()
             source = SOURCE.read_bytes()
-            tag = hashlib.sha256(
-                b"\0".join([source, " ".join(compiler).encode(), " ".join(CFLAGS).encode(), platform.machine().encode()])
-            ).hexdigest()[:16]
+            tag = hashlib.sha256(b"\0".join([
+                source, " ".join(compiler).encode(), " ".join(CFLAGS + sum(OPTIONAL_CFLAGS, ())).encode(),
+                platform.machine().encode(), _cpu_signature(),
+            ])).hexdigest()[:16]
             target = _writable_folder() / f"emc2_sweep-{tag}.so"
             info: dict[str, Any] = {"path": str(target), "compiler": " ".join(compiler), "cached": target.exists()}
             if not target.exists():
@@ -154,10 +254,7 @@ def _load_cpu_library() -> Any:
             info["load_seconds"] = time.perf_counter() - start
             fn = lib.negbench_emc2_sweep
             fn.restype = ctypes.c_int
-            fn.argtypes = (
-                [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
-                + [ctypes.c_void_p] * 9 + [ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
-            )
+            fn.argtypes = _ARGTYPES
         except KernelUnavailable as exc:
             _cpu_error = str(exc)
             raise
@@ -169,41 +266,63 @@ def _load_cpu_library() -> Any:
         return fn
 
 
+def cpu_philox(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, ...]:
+    """Philox-4x32-10 of one counter, computed by the C library (its known-answer tests)."""
+    _load_cpu_library()
+    lib = ctypes.CDLL(_cpu_info["path"])
+    out = (ctypes.c_uint32 * 4)()
+    lib.negbench_emc2_philox((ctypes.c_uint32 * 4)(*counter), (ctypes.c_uint32 * 2)(*key), out)
+    return tuple(out)
+
+
+def cpu_log_uniform(bits: Tensor) -> Tensor:
+    """The C library's log U of 32-bit words (an int64 tensor), as float32 (tests)."""
+    _load_cpu_library()
+    lib = ctypes.CDLL(_cpu_info["path"])
+    words = bits.to(torch.int64).bitwise_and(MASK32).to(torch.int32).contiguous()  # the same 32 bits
+    out = torch.empty(words.shape, dtype=torch.float32)
+    lib.negbench_emc2_log_uniform.argtypes = [_P, _P, _I64]
+    lib.negbench_emc2_log_uniform(words.data_ptr(), out.data_ptr(), words.numel())
+    return out
+
+
 def cpu_build_info() -> dict[str, Any]:
     """How the CPU library was obtained in this process: path, compiler, whether it came from
-    the cache, ``build_seconds`` and ``openmp`` when it was built here (empty before first use)."""
+    the cache, ``build_seconds``, ``openmp`` and ``native`` when it was built here (empty before
+    first use)."""
     return dict(_cpu_info)
 
 
-def _outputs(rows: int, k: int, device: torch.device, records: bool,
-             count_columns: int | None, count_dtype: torch.dtype) -> FusedSweep:
-    def vector(dtype: torch.dtype) -> Tensor:
-        return torch.empty(rows, dtype=dtype, device=device)
-
-    return FusedSweep(
-        vector(torch.long), vector(torch.float32), vector(torch.bool), vector(torch.long), vector(torch.long),
-        vector(torch.long), vector(torch.long),
-        torch.empty(rows, k, dtype=torch.long, device=device) if records else None,
-        None if count_columns is None else torch.zeros(rows, count_columns, dtype=count_dtype, device=device),
-    )
+#: columns of the kernels' (R, 5) int64 tallies, in order
+TALLIES = ("accepted_after_burn_in", "recorded", "used", "out_of_batch", "extra")
 
 
-def _pointer(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _sweep_of(column: Tensor, score: Tensor, accepted: Tensor, tallies: Tensor, weights: Tensor,
+              records: Tensor | None) -> Sweep:
+    return Sweep(column, score, accepted, *tallies.unbind(1), weights, records)
 
 
-def _cpu_sweep(inputs: list[Tensor], pairs: bool, out: FusedSweep) -> FusedSweep:
+def _cpu_sweep(inputs: SweepInputs, records: bool) -> Sweep:
     fn = _load_cpu_library()
-    rows, k = inputs[0].shape
-    count_columns = 0 if out.counts is None else out.counts.shape[1]
+    rows, k = inputs.shape
+    sims, valid = inputs.sims.contiguous(), inputs.valid.contiguous()
+    column, score = inputs.column.to(torch.long).contiguous(), inputs.score.contiguous()
+    out_column = torch.empty(rows, dtype=torch.long)
+    out_score = torch.empty(rows, dtype=torch.float32)
+    out_accepted = torch.empty(rows, dtype=torch.bool)
+    tallies = torch.empty(rows, len(TALLIES), dtype=torch.long)
+    weights = torch.empty(sims.shape, dtype=sims.dtype)  # every entry is written by the kernel
+    out_records = torch.empty(rows, k, dtype=torch.long) if records else None
     status = fn(
-        *[t.data_ptr() for t in inputs], rows, k, int(pairs),
-        *[t.data_ptr() for t in out[:7]], _pointer(out.records), _pointer(out.counts),
-        count_columns, int(out.counts is not None and out.counts.dtype == torch.float64), torch.get_num_threads(),
+        sims.data_ptr(), int(sims.dtype == torch.float64), valid.data_ptr(), rows, k, sims.shape[1],
+        float(inputs.beta), float(inputs.burn_in), inputs.key & MASK32, (inputs.key >> 32) & MASK32, inputs.step,
+        column.data_ptr(), score.data_ptr(), int(inputs.pairs), out_column.data_ptr(), out_score.data_ptr(),
+        out_accepted.data_ptr(), tallies.data_ptr(), weights.data_ptr(),
+        None if out_records is None else out_records.data_ptr(), torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("the EMC2 sweep could not allocate its scratch memory")
-    return out
+    return _sweep_of(out_column, out_score, out_accepted, tallies, weights, out_records)
 
 
 # ---- CUDA: Triton ------------------------------------------------------------------------------
@@ -222,15 +341,14 @@ def _triton_module() -> Any:
     return _emc2_triton
 
 
-def _cuda_sweep(inputs: list[Tensor], pairs: bool, out: FusedSweep) -> FusedSweep:
+def _cuda_sweep(inputs: SweepInputs, records: bool) -> Sweep:
     global _triton_error
     module = _triton_module()
     try:
-        module.triton_sweep(*inputs, pairs, out)
+        return module.triton_sweep(inputs, records)
     except Exception as exc:  # a compile or launch failure of the JIT (unsupported GPU, no ptxas...)
         _triton_error = f"the Triton EMC2 sweep failed ({type(exc).__name__}: {exc})"
         raise KernelUnavailable(_triton_error) from exc
-    return out
 
 
 # ---- public --------------------------------------------------------------------------------------
@@ -250,49 +368,16 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     return None
 
 
-def fused_sweep(
-    logits: Tensor,
-    keys: Tensor,
-    log_u: Tensor,
-    num_proposals: Tensor,
-    burn_in: Tensor,
-    column: Tensor,
-    score: Tensor,
-    *,
-    pairs: bool = False,
-    records: bool = True,
-    count_columns: int | None = None,
-    count_dtype: torch.dtype = torch.float32,
-) -> FusedSweep:
-    """One fused sweep of every row (see the module docstring for the exact contract).
-
-    ``logits``, ``keys``, ``log_u``: (R, K) float32; ``num_proposals``, ``burn_in``, ``column``:
-    (R,) integers; ``score``: (R,) float32; with ``pairs`` R must be even. All on one device.
-    ``records=False`` skips writing the (R, K) records; ``count_columns`` (more than any
-    column that can be recorded) asks for the histogram of the used records, in
-    ``count_dtype`` (float32 or float64). Raises :class:`KernelUnavailable` when no backend
-    runs on the inputs' device."""
-    rows, k = logits.shape
-    if keys.shape != (rows, k) or log_u.shape != (rows, k):
-        raise ValueError(f"logits, keys and log_u must have one shape, got {tuple(logits.shape)}, "
-                         f"{tuple(keys.shape)}, {tuple(log_u.shape)}")
-    for name, t in (("logits", logits), ("keys", keys), ("log_u", log_u), ("score", score)):
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 (the reference compares in float32), got {t.dtype}")
-    for name, t in (("num_proposals", num_proposals), ("burn_in", burn_in), ("column", column), ("score", score)):
-        if t.shape != (rows,):
-            raise ValueError(f"{name} must have shape ({rows},), got {tuple(t.shape)}")
-    if pairs and rows % 2:
-        raise ValueError("pairs=True needs an even number of rows (two views per item)")
-    if count_columns is not None and (count_columns < k or count_dtype not in (torch.float32, torch.float64)):
-        raise ValueError("count_columns must be at least K and count_dtype float32 or float64")
-    device = logits.device
-    inputs = [t.contiguous() for t in (logits, keys, log_u)]
-    inputs += [t.to(torch.long).contiguous() for t in (num_proposals, burn_in, column)]
-    inputs.append(score.contiguous())
-    if any(t.device != device for t in inputs):
+def fused_sweep(inputs: SweepInputs, *, records: bool = False) -> Sweep:
+    """One fused sweep of every row (the module docstring gives the exact contract); ``records``
+    also returns the (R, K) records (tests). ``sims`` float32 or float64, everything on one
+    device. Raises :class:`KernelUnavailable` when no backend runs on that device."""
+    check_inputs(inputs)
+    if inputs.sims.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"sims must be float32 or float64, got {inputs.sims.dtype}")
+    device = inputs.sims.device
+    if any(t.device != device for t in (inputs.valid, inputs.column, inputs.score)):
         raise ValueError("all inputs of fused_sweep must be on one device")
     if device.type not in ("cpu", "cuda"):
         raise KernelUnavailable(f"no fused EMC2 sweep for device type {device.type!r}")
-    out = _outputs(rows, k, device, records, count_columns, count_dtype)
-    return (_cpu_sweep if device.type == "cpu" else _cuda_sweep)(inputs, pairs, out)
+    return (_cpu_sweep if device.type == "cpu" else _cuda_sweep)(inputs, records)

@@ -1,15 +1,19 @@
 /* The fused EMC² sweep on the CPU: one call per step, chains in parallel, proposals in
- * sequence. The contract is negbench.kernels.emc2.fused_sweep; it must match the pure-PyTorch
- * reference (negbench.samplers.emc2.reference_sweep) bit for bit. Plain C99 without torch
- * headers, so it builds in well under a second; built at first use and loaded with ctypes.
+ * sequence, random numbers generated here. The contract is negbench.kernels.emc2.fused_sweep;
+ * it must match the pure-PyTorch reference (negbench.samplers.emc2.reference_sweep) bit for bit.
+ * Plain C99 without torch headers, so it builds in well under a second; built at first use and
+ * loaded with ctypes. IEEE float semantics are part of the contract: never build with
+ * -ffast-math, and keep -ffp-contract=off (no FMAs: the log and the products must round as in
+ * PyTorch).
  *
- * Row r visits the columns of keys[r, :] in the order of a stable ascending argsort (ties by
- * column, NaN last: torch.argsort(stable=True)); its t-th proposal c has log score
- * logits[r, c]. Proposal t < num_proposals[r] is accepted when log_u[r, t] < logits[r, c] - l,
- * l the stored log score, in float32 with IEEE semantics (never build with -ffast-math). The
- * state after each step t >= burn_in[r] is recorded. With pairs != 0, rows 2k and 2k+1 are one
- * chain: row 2k+1 starts from the score and state row 2k ended on (from its own start column if
- * row 2k accepted nothing).
+ * Row r's random numbers: Philox-4x32-10 (Salmon et al., SC 2011) of the counter
+ * (j, r, step, 0) under the key (key0, key1), for j < ceil(k/2): words 0 and 1 are the sort
+ * keys of columns 2j and 2j+1, words 2 and 3 give log U of proposals 2j and 2j+1, with
+ * U = ((x >> 8) + 1) 2^-24 and log U from FreeBSD's logf without its special cases
+ * (negbench/kernels/philox.py is the reference). The proposals are the valid columns c < k in
+ * ascending order of (key, c); proposal t < n is accepted when log U_t < l_t - l, l_t =
+ * float(beta * sims[r, c_t]) and l the stored log score. The states after steps
+ * t >= floor(burn_in * n) are recorded and their normalised histogram is the row of weights.
  */
 #include <math.h>
 #include <stdint.h>
@@ -18,146 +22,282 @@
 
 #define NOT_RECORDED (-2)
 #define OUT_OF_BATCH (-1)
+#define BLOCK 16 /* Philox counters per vectorised block */
+#define NUM_TALLIES 5
 
-/* A bucket that never decreases with the key: keys <= 0 first, [0, 1) spread evenly over the
- * buckets, keys >= 1 and NaN last (NaN sorts after every number, as in torch). */
-static int32_t bucket_of(float key, int32_t buckets) {
-    const float x = key * (float)buckets;
-    if (!(x < (float)buckets)) return buckets - 1;
-    return x > 0.0f ? (int32_t)x : 0;
+/* ---- Philox-4x32-10 and the log-uniform ------------------------------------------------------ */
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+/* Philox-4x32-10 of the counters (j0 + i, c1, c2, c3), i < BLOCK: x[w][i] is word w. One
+ * lane at a time with the rounds inside, which compilers vectorise across lanes (the 32x32 ->
+ * 64-bit products become packed multiplies). The key is bumped after every round; the last
+ * bump is unused, so this is the published schedule (a bump before rounds 2..10). */
+__attribute__((noinline)) static void philox_block(uint32_t j0, uint32_t c1_, uint32_t c2_, uint32_t c3_, uint32_t key0,
+                                                  uint32_t key1, uint32_t x[4][BLOCK]) {
+    for (int i = 0; i < BLOCK; ++i) {
+        uint32_t c0 = j0 + (uint32_t)i, c1 = c1_, c2 = c2_, c3 = c3_, k0 = key0, k1 = key1;
+        for (int round = 0; round < 10; ++round) {
+            const uint64_t p0 = (uint64_t)PHILOX_M0 * c0, p1 = (uint64_t)PHILOX_M1 * c2;
+            c0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+            c2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+            c1 = (uint32_t)p1;
+            c3 = (uint32_t)p0;
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
+        }
+        x[0][i] = c0;
+        x[1][i] = c1;
+        x[2][i] = c2;
+        x[3][i] = c3;
+    }
 }
 
-static int key_less(float a, float b) { return a < b || (isnan(b) && !isnan(a)); }
+/* log U, U = ((x >> 8) + 1) 2^-24 = n 2^-24, with float32 +, -, *, / only: FreeBSD's logf
+ * (the constants are its hexadecimal ones) without its special cases; see philox.py. The
+ * reduction U = 2^k (1 + f), sqrt(2)/2 <= 1 + f < sqrt(2), is done on the integer n
+ * (2^m <= n < 2^(m+1)), the same k and 1 + f as from U's float bits, without type punning, so
+ * that compilers vectorise it. */
+static float log_uniform(uint32_t x) {
+    const uint32_t n = (x >> 8) + 1;
+    const int32_t m = 31 - __builtin_clz(n);
+    const uint32_t t = m <= 23 ? n << (23 - m) : n >> 1; /* 2^23 <= t < 2^24: U's significand (n <= 2^24) */
+    const int32_t up = (int32_t)(((t & 0x007FFFFF) + 0x4AFB20) & 0x00800000) >> 23; /* 1 + f >= sqrt(2) */
+    const float f = (float)(int32_t)t * (up ? 0x1p-24f : 0x1p-23f) - 1.0f;
+    const float dk = (float)(m - 24 + up);
+    const float s = f / (f + 2.0f);
+    const float z = s * s, w = z * z;
+    const float t1 = w * (0xccce13.0p-25f + w * 0xf89e26.0p-26f);
+    const float t2 = z * (0xaaaaaa.0p-24f + w * 0x91e9ee.0p-25f);
+    const float r = t2 + t1, hfsq = 0.5f * f * f;
+    return dk * 0xb17180.0p-24f - ((hfsq - (s * (hfsq + r) + dk * 0x97f7d1.0p-40f)) - f);
+}
 
-/* order[0..k) = stable argsort of keys[0..k): a counting sort into 2k buckets in column order,
- * then an insertion sort, which only fixes the order inside buckets (expected O(k) for uniform
- * keys). Scratch: sorted (k floats), bucket (k), start (2k + 1). */
-static void stable_argsort(const float *keys, int32_t k, int32_t *order, float *sorted,
-                           int32_t *bucket, int32_t *start) {
-    const int32_t buckets = 2 * k;
+/* Sort keys of columns [0, k) and log U of proposals [0, k) of one row; keys and log_u hold
+ * padded(k) entries (a multiple of 2 BLOCK), so the loops need no bounds. */
+static int64_t padded(int64_t k) { return (k + 2 * BLOCK - 1) / (2 * BLOCK) * (2 * BLOCK); }
+
+/* A separate loop over restrict pointers, so that it is vectorised. */
+__attribute__((noinline)) static void log_uniforms(const uint32_t *restrict bits, float *restrict out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = log_uniform(bits[i]);
+}
+
+static void row_random(uint32_t row, uint32_t step, uint32_t key0, uint32_t key1, int64_t k,
+                       uint32_t *restrict keys, uint32_t *restrict bits, float *restrict log_u) {
+    uint32_t x[4][BLOCK];
+    for (int64_t j0 = 0; 2 * j0 < k; j0 += BLOCK) {
+        philox_block((uint32_t)j0, row, step, 0, key0, key1, x);
+        for (int i = 0; i < BLOCK; ++i) {
+            keys[2 * j0 + 2 * i] = x[0][i];
+            keys[2 * j0 + 2 * i + 1] = x[1][i];
+            bits[2 * j0 + 2 * i] = x[2][i];
+            bits[2 * j0 + 2 * i + 1] = x[3][i];
+        }
+    }
+    log_uniforms(bits, log_u, padded(k));
+}
+
+/* For the known-answer tests: Philox-4x32-10 of one counter, and log U of n words. */
+void negbench_emc2_philox(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+    uint32_t x[4][BLOCK];
+    philox_block(counter[0], counter[1], counter[2], counter[3], key[0], key[1], x);
+    for (int w = 0; w < 4; ++w) out[w] = x[w][0];
+}
+
+void negbench_emc2_log_uniform(const uint32_t *bits, float *out, int64_t n) { log_uniforms(bits, out, n); }
+
+/* ---- the proposal order ------------------------------------------------------------------------ */
+/* order[0..n) = the columns cols[0..n) (ascending) sorted by (keys[col], col): a counting sort
+ * into 2n buckets by the key's top bits, in column order, then an insertion sort, which only
+ * fixes the order inside buckets (expected O(n) for uniform keys). Scratch: sorted (n), bucket
+ * (n), start (2n + 1). */
+static void order_by_key(const uint32_t *keys, const int32_t *cols, int32_t n, int32_t *order,
+                         uint32_t *sorted, int32_t *bucket, int32_t *start) {
+    const uint64_t buckets = 2 * (uint64_t)n;
     memset(start, 0, (size_t)(buckets + 1) * sizeof(int32_t));
-    for (int32_t c = 0; c < k; ++c) {
-        bucket[c] = bucket_of(keys[c], buckets);
-        start[bucket[c] + 1]++;
+    for (int32_t i = 0; i < n; ++i) {
+        bucket[i] = (int32_t)(((uint64_t)keys[cols[i]] * buckets) >> 32);
+        start[bucket[i] + 1]++;
     }
-    for (int32_t b = 0; b < buckets; ++b) start[b + 1] += start[b];
-    for (int32_t c = 0; c < k; ++c) {
-        const int32_t at = start[bucket[c]]++;
-        order[at] = c;
-        sorted[at] = keys[c];
+    for (uint64_t b = 0; b < buckets; ++b) start[b + 1] += start[b];
+    for (int32_t i = 0; i < n; ++i) {
+        const int32_t at = start[bucket[i]]++;
+        order[at] = cols[i];
+        sorted[at] = keys[cols[i]];
     }
-    for (int32_t i = 1; i < k; ++i) {
-        const float key = sorted[i];
-        if (!key_less(key, sorted[i - 1])) continue;
+    for (int32_t i = 1; i < n; ++i) {
+        const uint32_t key = sorted[i];
+        if (!(key < sorted[i - 1])) continue;
         const int32_t column = order[i];
         int32_t j = i;
         do {
             sorted[j] = sorted[j - 1];
             order[j] = order[j - 1];
             --j;
-        } while (j > 0 && key_less(key, sorted[j - 1]));
+        } while (j > 0 && key < sorted[j - 1]);
         sorted[j] = key;
         order[j] = column;
     }
 }
 
-/* counts[row + column] += n (exact: counts are integers far below 2^24). Adding a run of
- * records at once keeps the loop free of a dependency through memory. */
-static void add_count(void *counts, int32_t count_double, int64_t row, int64_t count_columns,
-                      int64_t column, int64_t n) {
-    if (counts == NULL || n == 0 || column < 0 || column >= count_columns) return;
-    if (count_double)
-        ((double *)counts)[row + column] += (double)n;
-    else
-        ((float *)counts)[row + column] += (float)n;
+/* ---- the sweep ---------------------------------------------------------------------------------- */
+typedef struct {
+    int32_t *order, *cols, *bucket, *start, *touched;
+    uint32_t *keys, *sorted, *bits;
+    float *log_u;
+} scratch_t;
+
+static void *scratch_alloc(scratch_t *s, int64_t k) {
+    /* int32: order, cols, bucket (k each), start (2k + 1), touched (k + 1), sorted (k);
+     * keys, bits (uint32) and log_u (float): padded(k) each */
+    const int64_t kp = padded(k);
+    int32_t *q = malloc((size_t)(7 * k + 2 + 3 * kp) * sizeof(int32_t));
+    if (q == NULL) return NULL;
+    s->order = q;
+    s->cols = q + k;
+    s->bucket = q + 2 * k;
+    s->start = q + 3 * k;
+    s->touched = q + 5 * k + 1;
+    s->sorted = (uint32_t *)(q + 6 * k + 2);
+    s->keys = (uint32_t *)(q + 7 * k + 2);
+    s->bits = (uint32_t *)(q + 7 * k + 2 + kp);
+    s->log_u = (float *)(q + 7 * k + 2 + 2 * kp);
+    return q;
 }
 
-/* Outputs per row: final column, score, accepted (any), accepted after burn-in, and tallies of
- * the records (used = on an in-batch column, out of batch, recorded at all). records (R x k) and
- * counts (R x count_columns, zeroed by the caller; float32, or float64 when count_double) may be
- * NULL. counts[r, x] += 1 for every record x >= 0. Returns 0, or -1 when out of memory. */
-int negbench_emc2_sweep(const float *logits, const float *keys, const float *log_u,
-                        const int64_t *num_proposals, const int64_t *burn_in,
-                        const int64_t *column, const float *score, int64_t rows, int64_t k,
-                        int32_t pairs, int64_t *out_column, float *out_score,
-                        uint8_t *out_accepted, int64_t *out_accepted_late, int64_t *out_used,
-                        int64_t *out_out_of_batch, int64_t *out_recorded, int64_t *records,
-                        void *counts, int64_t count_columns, int32_t count_double,
-                        int32_t num_threads) {
+/* The log score of proposal column c: beta * s in the sims dtype, then rounded to float32. */
+static float logit(const void *sims, int32_t sims_double, int64_t at, double beta, float beta_f) {
+    return sims_double ? (float)(beta * ((const double *)sims)[at]) : beta_f * ((const float *)sims)[at];
+}
+
+/* counts live in the row of weights (exact integers) until the final division. */
+static void add_run(void *w, int32_t w_double, int64_t state, int64_t run, int32_t *touched, int64_t *n_touched) {
+    if (run == 0 || state < 0) return;
+    if (w_double) {
+        double *x = (double *)w + state;
+        if (*x == 0.0) touched[(*n_touched)++] = (int32_t)state;
+        *x += (double)run;
+    } else {
+        float *x = (float *)w + state;
+        if (*x == 0.0f) touched[(*n_touched)++] = (int32_t)state;
+        *x += (float)run;
+    }
+}
+
+/* One row's sweep from its chain's (state, current); returns whether it accepted anything. */
+typedef struct {
+    const void *sims;
+    int32_t sims_double;
+    const uint8_t *valid;
+    int64_t k, ld;
+    double beta, burn_in;
+    uint32_t key0, key1, step;
+} sweep_t;
+
+static uint8_t sweep_row(const sweep_t *a, scratch_t *s, int64_t r, int64_t *state_io, float *current_io,
+                         int64_t *tally, void *weights, int64_t *records) {
+    const int64_t k = a->k, row_at = r * a->ld;
+    const size_t elt = a->sims_double ? sizeof(double) : sizeof(float);
+    const float beta_f = (float)a->beta;
+    void *row_w = (char *)weights + (size_t)row_at * elt;
+    int64_t *row_records = records ? records + r * k : NULL;
+    int64_t state = *state_io;
+    float current = *current_io;
+    int32_t n = 0;
+    for (int64_t c = 0; c < k; ++c)
+        if (a->valid[row_at + c]) s->cols[n++] = (int32_t)c;
+    row_random((uint32_t)r, a->step, a->key0, a->key1, k, s->keys, s->bits, s->log_u);
+    order_by_key(s->keys, s->cols, n, s->order, s->sorted, s->bucket, s->start);
+    memset(row_w, 0, (size_t)a->ld * elt);
+    const int64_t burn = (int64_t)floor(a->burn_in * (double)n);
+    int64_t late_accepted = 0, used = 0, out_of_batch = 0, extra = 0, n_touched = 0;
+    int64_t run_state = -1, run = 0; /* records of the current state not yet counted */
+    uint8_t accepted = 0;
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t c = s->order[t];
+        const float l = logit(a->sims, a->sims_double, row_at + c, a->beta, beta_f);
+        const int accept = s->log_u[t] < l - current;
+        if (accept) {
+            state = c;
+            current = l;
+            accepted = 1;
+        }
+        if (t < burn) {
+            if (row_records) row_records[t] = NOT_RECORDED;
+            continue;
+        }
+        late_accepted += accept;
+        if (row_records) row_records[t] = state;
+        if (state >= 0 && state < a->ld) {
+            used++;
+            extra += state >= k;
+            if (state != run_state) {
+                add_run(row_w, a->sims_double, run_state, run, s->touched, &n_touched);
+                run_state = state;
+                run = 0;
+            }
+            run++;
+        } else if (state == OUT_OF_BATCH) {
+            out_of_batch++;
+        }
+    }
+    add_run(row_w, a->sims_double, run_state, run, s->touched, &n_touched);
+    for (int64_t i = 0; i < n_touched; ++i) { /* W = counts / used, as the reference divides */
+        if (a->sims_double)
+            ((double *)row_w)[s->touched[i]] /= (double)used;
+        else
+            ((float *)row_w)[s->touched[i]] /= (float)used;
+    }
+    if (row_records)
+        for (int64_t t = n; t < k; ++t) row_records[t] = NOT_RECORDED;
+    tally[0] = late_accepted;
+    tally[1] = n > burn ? n - burn : 0;
+    tally[2] = used;
+    tally[3] = out_of_batch;
+    tally[4] = extra;
+    *state_io = state;
+    *current_io = current;
+    return accepted;
+}
+
+/* sims, weights: rows x ld (float32, or float64 when sims_double); valid: rows x ld bytes.
+ * Proposals come from columns [0, k); start columns are below ld. Outputs per row: final
+ * column, score, accepted (any), tallies (accepted after burn-in, records, records on a column
+ * >= 0, on OUT_OF_BATCH, on a column >= k), the row of weights, and the records (rows x k, may
+ * be NULL). Returns 0, or -1 when out of memory. */
+int negbench_emc2_sweep(const void *sims, int32_t sims_double, const uint8_t *valid, int64_t rows, int64_t k,
+                        int64_t ld, double beta, double burn_in, uint32_t key0, uint32_t key1, uint32_t step,
+                        const int64_t *column, const float *score, int32_t pairs, int64_t *out_column,
+                        float *out_score, uint8_t *out_accepted, int64_t *out_tallies, void *weights,
+                        int64_t *records, int32_t num_threads) {
     const int64_t per_chain = pairs ? 2 : 1;
     const int64_t chains = rows / per_chain;
+    const sweep_t args = {sims, sims_double, valid, k, ld, beta, burn_in, key0, key1, step};
     int failed = 0;
     (void)num_threads;
 #pragma omp parallel num_threads(num_threads) if (rows * k >= 65536) reduction(|| : failed)
     {
-        /* order, bucket: k each; start: 2k + 1; sorted: k floats */
-        int32_t *scratch = malloc((size_t)(4 * k + 1) * sizeof(int32_t) + (size_t)k * sizeof(float));
-        int32_t *order = scratch, *bucket = scratch + k, *start = scratch + 2 * k;
-        float *sorted = (float *)(scratch + 4 * k + 1);
-        if (scratch == NULL) failed = 1;
+        scratch_t s;
+        void *block = scratch_alloc(&s, k);
+        if (block == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t chain = 0; chain < chains; ++chain) {
-            if (scratch == NULL) continue;
-            int64_t state = 0;
-            float current = 0.0f;
+            if (block == NULL) continue;
+            int64_t state = column[chain * per_chain];
+            float current = score[chain * per_chain];
             uint8_t moved = 0;
             for (int64_t p = 0; p < per_chain; ++p) {
                 const int64_t r = chain * per_chain + p;
-                const float *row_logits = logits + r * k, *row_log_u = log_u + r * k;
-                int64_t *row_records = records ? records + r * k : NULL;
-                if (p == 0) {
-                    state = column[r];
-                    current = score[r];
-                } else if (!moved) {
-                    state = column[r]; /* the stored state's column for this view */
-                }
-                stable_argsort(keys + r * k, (int32_t)k, order, sorted, bucket, start);
-                const int64_t n = num_proposals[r] < k ? num_proposals[r] : k, burn = burn_in[r];
-                int64_t late_accepted = 0, used = 0, out_of_batch = 0, recorded = 0;
-                int64_t run_state = -1, run = 0; /* records of the current state not yet counted */
-                uint8_t accepted = 0;
-                for (int64_t t = 0; t < n; ++t) {
-                    const int64_t c = order[t];
-                    const float s = row_logits[c];
-                    const int accept = row_log_u[t] < s - current;
-                    if (accept) {
-                        state = c;
-                        current = s;
-                        accepted = 1;
-                    }
-                    if (t < burn) {
-                        if (row_records) row_records[t] = NOT_RECORDED;
-                        continue;
-                    }
-                    late_accepted += accept;
-                    recorded++;
-                    if (row_records) row_records[t] = state;
-                    if (state >= 0) {
-                        used++;
-                        if (state != run_state) {
-                            add_count(counts, count_double, r * count_columns, count_columns, run_state, run);
-                            run_state = state;
-                            run = 0;
-                        }
-                        run++;
-                    } else if (state == OUT_OF_BATCH) {
-                        out_of_batch++;
-                    }
-                }
-                add_count(counts, count_double, r * count_columns, count_columns, run_state, run);
-                if (row_records)
-                    for (int64_t t = n > 0 ? n : 0; t < k; ++t) row_records[t] = NOT_RECORDED;
+                if (p > 0 && !moved) state = column[r]; /* the stored state's column for this view */
+                moved = sweep_row(&args, &s, r, &state, &current, out_tallies + r * NUM_TALLIES, weights, records);
                 out_column[r] = state;
                 out_score[r] = current;
-                out_accepted[r] = accepted;
-                out_accepted_late[r] = late_accepted;
-                out_used[r] = used;
-                out_out_of_batch[r] = out_of_batch;
-                out_recorded[r] = recorded;
-                moved = accepted;
+                out_accepted[r] = moved;
             }
         }
-        free(scratch);
+        free(block);
     }
     return failed ? -1 : 0;
 }

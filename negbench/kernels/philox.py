@@ -1,0 +1,90 @@
+"""Philox-4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3",
+SC 2011) and the float32 log-uniform the EMC² sweep draws from it, in PyTorch.
+
+These are the *reference* definitions: ``emc2_sweep.c`` (CPU) and ``_emc2_triton.py`` (CUDA,
+Triton's own ``tl.philox``) evaluate the same functions inside their kernels, and
+``tests/test_emc2_kernels.py`` checks all three against each other and Philox against the
+Random123 known-answer vectors.
+
+**Philox-4x32-R.** A counter (c0, c1, c2, c3) and a key (k0, k1) of 32-bit words; each of the
+R = 10 rounds is
+
+    (c0, c1, c2, c3) ← (hi(M1·c2) ⊕ c1 ⊕ k0,  lo(M1·c2),  hi(M0·c0) ⊕ c3 ⊕ k1,  lo(M0·c0))
+
+with M0 = 0xD2511F53, M1 = 0xCD9E8D57 (hi/lo: the upper/lower 32 bits of the 64-bit product),
+and the key is bumped by the Weyl constants (0x9E3779B9, 0xBB67AE85) before every round but
+the first. The output is the final counter.
+
+**Log-uniform.** From a 32-bit word x, U = ((x >> 8) + 1) · 2⁻²⁴, one of the 2²⁴ values
+{2⁻²⁴, 2·2⁻²⁴, …, 1} (exact in float32, never 0), and :func:`log_uniform` is log U computed
+with IEEE float32 +, −, ×, ÷ only — FreeBSD's ``logf`` (fdlibm's argument reduction
+U = 2^k·(1+f), √2/2 ≤ 1+f < √2, and log(1+f) = f − (f²/2 − s(f²/2 + R(s²))), s = f/(2+f)),
+without its special-case branches. So C, Triton and PyTorch get the same bits; it is checked
+against numpy's float64 log on all 2²⁴ inputs (error below 2 float32 ulps). MH acceptance then
+needs no exp and no library log.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+M0, M1 = 0xD2511F53, 0xCD9E8D57
+W0, W1 = 0x9E3779B9, 0xBB67AE85
+ROUNDS = 10
+
+# FreeBSD e_logf.c (|log(1+s)-log(1-s))/s - Lg(s)| < 2^-34.24), as float32 bit patterns
+_LN2_HI, _LN2_LO = 0x3F317180, 0x3717F7D1
+_LG1, _LG2, _LG3, _LG4 = 0x3F2AAAAA, 0x3ECCCE13, 0x3E91E9EE, 0x3E789E26
+
+
+def _f32(bits: int) -> float:
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
+
+
+def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int, int],
+               rounds: int = ROUNDS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox-4x32-``rounds`` of broadcastable int64 tensors holding 32-bit words (see the module
+    docstring); returns the four output words as int64 tensors in [0, 2³²) of the broadcast shape.
+
+    In place on four buffers: int64 products of two 32-bit words wrap modulo 2⁶⁴, so
+    ``(p >> 32) & MASK`` is the unsigned high word (the arithmetic shift only adds high bits the
+    mask removes) and the low word is ``p`` itself, masked when it is next used (the
+    known-answer tests check all of it)."""
+    shape = torch.broadcast_shapes(*(c.shape for c in counter))
+    c0, c1, c2, c3 = (c.expand(shape).clone() for c in counter)
+    p0, p1 = torch.empty_like(c0), torch.empty_like(c0)
+    k0, k1 = key[0] & MASK32, key[1] & MASK32
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+        torch.mul(c0, M0, out=p0)  # lo0 = p0, hi0 = p0 >> 32
+        torch.mul(c2, M1, out=p1)
+        torch.bitwise_right_shift(p1, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(MASK32)
+        torch.bitwise_right_shift(p0, 32, out=c2).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(MASK32)
+        c1, p1 = p1, c1  # c1 = lo1, c3 = lo0 (unmasked until used)
+        c3, p0 = p0, c3
+    return c0, c1.bitwise_and_(MASK32), c2, c3.bitwise_and_(MASK32)
+
+
+def log_uniform(bits: Tensor) -> Tensor:
+    """log U for U = ((x >> 8) + 1)·2⁻²⁴ from 32-bit words x (int64 tensor), in float32 (the
+    module docstring gives the formula)."""
+    u = ((bits >> 8) + 1).to(torch.int32).to(torch.float32) * 2.0**-24  # exact (int32 first: faster)
+    ix = u.view(torch.int32)
+    k = (ix >> 23) - 127
+    mant = ix & 0x007FFFFF
+    i = (mant + 0x4AFB20) & 0x00800000  # set when 1.mant >= √2: use x/2
+    x = (mant | (i ^ 0x3F800000)).view(torch.float32)
+    k = k + (i >> 23)
+    f = x - 1.0
+    s = f / (f + 2.0)
+    dk = k.to(torch.float32)
+    z = s * s
+    w = z * z
+    t1 = w * (_f32(_LG2) + w * _f32(_LG4))
+    t2 = z * (_f32(_LG1) + w * _f32(_LG3))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    return dk * _f32(_LN2_HI) - ((hfsq - (s * (hfsq + r) + dk * _f32(_LN2_LO))) - f)
