@@ -9,6 +9,8 @@ Python API::
     q = negbench.negative_distribution(sampler, views, 5.0, batch_size=8, steps=100, anchors=[0, 1], seed=0)
     outcome = negbench.run(negbench.RunConfig(sampler="emc2", task="digits", steps=200))
     criterion = negbench.ContrastiveLoss("emc2", num_items=N)   # loss = criterion(z1, z2, index)
+    result = negbench.compare(task="digits", samplers="in_batch,emc2", seeds=3)   # .table, .runs
+    rows = negbench.load_runs("results/runs")       # every metrics.jsonl row, config joined
 
 Plugin authors (and the built-in samplers and tasks) import everything from here::
 
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING  # noqa: E402
 
+from negbench.api import CompareResult, compare, load_runs  # noqa: E402
 from negbench.config import RunConfig  # noqa: E402
 from negbench.distribution import negative_distribution, sampling_tv  # noqa: E402
 from negbench.encoders import Encoder, make_encoder  # noqa: E402
@@ -75,9 +78,9 @@ def run(config: RunConfig, *, console: "Console | None" = None, show_progress: b
 
 
 __all__ = [
-    "Batch", "ContrastiveLoss", "EncodeFn", "Encoder", "EvalData", "Extras", "FiniteViewTask", "Metric", "Param",
+    "Batch", "CompareResult", "ContrastiveLoss", "EncodeFn", "Encoder", "EvalData", "Extras", "FiniteViewTask", "Metric", "Param",
     "RunConfig", "Sampler",
     "SamplerContext", "Task", "UserError", "exact_gradient", "gcl_loss", "get_sampler", "get_task",
     "list_samplers", "list_tasks", "load_plugin", "make_encoder", "negative_distribution", "register_sampler",
-    "register_task", "run", "sampling_tv", "surrogate_loss",
+    "register_task", "run", "sampling_tv", "surrogate_loss", "compare", "load_runs",
 ]

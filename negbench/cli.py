@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
@@ -192,41 +191,6 @@ def _forwarded_args(ctx: typer.Context, drop: set[str]) -> list[str]:
         args.append("--debug")
     return args
 
-def _command_line(options: list[tuple[str, object, object]], set_pairs: list[str]) -> str:
-    """``negbench compare`` with every option that differs from its default."""
-    words = ["negbench", "compare"]
-    for flag, value, default in options:
-        if value is None or value == default or value is False:
-            continue
-        words += [flag] if value is True else [flag, str(value)]
-    for pair in set_pairs:
-        words += ["--set", pair]
-    return " ".join(words)
-
-
-def _compare_run_folders(runs: list[str], *, out: Path, name: Optional[str], reference: Optional[str], sort: str,
-                         warn: Callable[[str], None], err: Console) -> None:
-    """``negbench compare RUN_FOLDER...``: aggregate the given run folders (no grid)."""
-    from negbench import report
-    from negbench.config import check_writable
-    from negbench.results import collect_dirs, expand_run_paths
-
-    records = collect_dirs(expand_run_paths(runs), warn)
-    if not records:
-        raise UserError("none of the given folders holds a readable run; pass run folders (results/runs/<run-id>)")
-    tasks = sorted({r.task for r in records})
-    name = (tasks[0] if len(tasks) == 1 else "compare") if name is None else name
-    folder = report.comparison_folder(out, name)
-    check_writable(folder)
-    ref = report.check_reference(reference or "in_batch", records, explicit=reference is not None)
-    command = _command_line([("--out", out, _D.out), ("--name", name, None),
-                             ("--reference", reference, None), ("--sort", sort, DEFAULT_SORT)], [])
-    command = command.replace("negbench compare", "negbench compare " + " ".join(runs), 1)
-    report.write_comparison(folder, records, reference=ref, sort=sort, title=report.default_title(records, name),
-                            command=command, console=Console())
-    err.print(f"comparison written to {folder}/")
-
-
 @app.command()
 def compare(
     runs: Optional[list[str]] = typer.Argument(None, help="Run folders, folders of run folders, or globs to compare instead of a grid.", show_default=False),
@@ -269,73 +233,24 @@ def compare(
     """Run the missing cells of a samplers × batch sizes × seeds grid (finished runs are
     skipped, interrupted ones resumed), then aggregate over seeds into results/NAME/:
     table.csv, table.md and PNG plots."""
-    from rich.markup import escape
+    from negbench import api
 
-    from negbench import grid as grids
-    from negbench import report
-    from negbench.config import check_writable
-
-    _load_plugins(plugin)
     err = Console(stderr=True)
-
-    def warn(message: str) -> None:
-        err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
-
-    report.check_sort(sort)
-    from negbench.executors import ExecutorOptions, check_reachable
-
-    executor = ExecutorOptions(
-        backend=backend, jobs=jobs, threads_per_job=threads_per_job, scheduler=scheduler,
-        slurm_partition=slurm_partition, slurm_time=slurm_time, slurm_gpus_per_task=slurm_gpus_per_task,
-        slurm_array_parallelism=slurm_array_parallelism, folder=out / ".submitit",
-    ).validate()
-    if runs:
-        grid_options = [flag for flag, value in (("--task", task), ("--samplers", samplers), ("--batch-sizes", batch_sizes),
-                                                  ("--seeds", seeds), ("--collect", collect or None)) if value is not None]
-        if grid_options:
-            raise UserError(f"give run folders or a grid ({', '.join(grid_options)}), not both")
-        _compare_run_folders(runs, out=out, name=name, reference=reference, sort=sort, warn=warn, err=err)
-        return
-
-    task = task or _D.task
-    specs = grids.parse_sampler_specs(samplers)
-    sizes = grids.parse_batch_sizes(batch_sizes or DEFAULT_BATCH_SIZES)
-    seed_list = grids.parse_seeds(seeds or DEFAULT_SEEDS)
-    name = task if name is None else name
-    folder = report.comparison_folder(out, name)
-    check_writable(folder)
-    ref_label = grids.parse_sampler_spec(reference).label if reference else "in_batch"
-    if reference and ref_label not in {s.label for s in specs}:
-        raise UserError(f"--reference {reference!r} is not in --samplers; add it or choose one of: "
-                        f"{', '.join(s.label for s in specs)}")
-    base = RunConfig(task=task, steps=steps, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
-                     weight_decay=weight_decay, beta=beta, device=device, eval_every=eval_every, out=out,
-                     data_root=data_root, grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors,
-                     checkpoint_every=checkpoint_every)
-    grid = grids.build_grid(base, specs, sizes, seed_list, set_ or [])
-    seeds_text = str(len(seed_list)) if seed_list == list(range(len(seed_list))) else ",".join(map(str, seed_list))
-    command = _command_line([
-        ("--task", task, None), ("--samplers", ",".join(s.label for s in specs), None),
-        ("--batch-sizes", ",".join(map(str, sizes)), None), ("--seeds", seeds_text, None), ("--steps", steps, None),
-        ("--epochs", epochs, None), ("--optimizer", optimizer, _D.optimizer), ("--lr", lr, None),
-        ("--momentum", momentum, _D.momentum), ("--weight-decay", weight_decay, _D.weight_decay), ("--beta", beta, _D.beta),
-        ("--device", device, _D.device), ("--eval-every", eval_every, None), ("--out", out, _D.out),
-        ("--data-root", data_root, None), ("--grad-error", grad_error, False), ("--tv-steps", tv_steps, None),
-        ("--tv-anchors", tv_anchors, _D.tv_anchors), ("--checkpoint-every", checkpoint_every, None), ("--name", name, task),
-        ("--reference", reference, None), ("--sort", sort, DEFAULT_SORT),
-    ], set_ or [])
-    if not collect:
-        check_reachable(executor)
-        err.print(f"compare: {len(grid.cells)} runs ({len(specs)} samplers × {len(sizes)} batch sizes × "
-                  f"{len(seed_list)} seeds) in {out}/")
-        if not grids.run_grid(grid.cells, err, executor=executor, plugins=plugin or ()):
-            err.print("compare: interrupted; rerun the same command to resume")
-            raise typer.Exit(130)
-    records = grids.collect_grid(grid, warn)
-    ref = report.check_reference(ref_label, records, explicit=reference is not None)
-    report.write_comparison(folder, records, reference=ref, sort=sort, title=report.default_title(records, name),
-                            command=command, console=Console())
-    err.print(f"comparison written to {folder}/")
+    try:
+        result = api.compare(
+            runs or None, task=task, samplers=samplers, batch_sizes=batch_sizes, seeds=seeds, steps=steps,
+            epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, beta=beta,
+            device=device, eval_every=eval_every, out=out, data_root=data_root, params=set_ or [],
+            grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors, plugins=plugin or (), name=name,
+            reference=reference, sort=sort, collect=collect, checkpoint_every=checkpoint_every, jobs=jobs,
+            threads_per_job=threads_per_job, backend=backend, scheduler=scheduler, slurm_partition=slurm_partition,
+            slurm_time=slurm_time, slurm_gpus_per_task=slurm_gpus_per_task,
+            slurm_array_parallelism=slurm_array_parallelism, console=err, table_console=Console(),
+        )
+    except api.Interrupted:
+        err.print("compare: interrupted; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    err.print(f"comparison written to {result.folder}/")
 
 
 def _component_table(registry: Registry[Any], title: str) -> Table:
