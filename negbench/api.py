@@ -144,6 +144,7 @@ def compare(
         Interrupted: a run was stopped by a signal; call again to resume.
     """
     from negbench import report
+    from negbench.executors import ExecutorOptions
     from negbench.registry import load_plugin
 
     for path in plugins:
@@ -153,8 +154,6 @@ def compare(
     def warn(message: str) -> None:
         err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
 
-    from negbench.executors import ExecutorOptions
-
     report.check_sort(sort)
     out, set_pairs = Path(out), _set_pairs(params)
     executor = ExecutorOptions(
@@ -163,8 +162,8 @@ def compare(
         slurm_array_parallelism=slurm_array_parallelism, folder=out / ".submitit",
     ).validate()
     shown = table_console if table_console is not None else Console(quiet=True)
-    if runs is not None and not (isinstance(runs, Sequence) and not isinstance(runs, str) and not runs):
-        given = [str(runs)] if isinstance(runs, (str, Path)) else [str(r) for r in runs]
+    given = [] if runs is None else [str(runs)] if isinstance(runs, (str, Path)) else [str(r) for r in runs]
+    if given:
         grid_options = [flag for flag, value in (("--task", task), ("--samplers", samplers), ("--batch-sizes", batch_sizes),
                                                   ("--seeds", seeds), ("--collect", collect or None)) if value is not None]
         if grid_options:

@@ -161,6 +161,8 @@ def test_load_runs_of_an_unfinished_and_a_broken_run(grid, tmp_path):
     ({"samplers": "uniform", "reference": "emc2"}, "--reference"),
     ({"sort": "speed"}, "--sort"),
     ({"params": {"no_such_key": 1}}, "no_such_key"),
+    ({"jobs": 0}, "--jobs"),
+    ({"slurm_partition": "gpu"}, "submitit"),
 ])
 def test_compare_bad_input_raises_user_error_and_writes_nothing(tmp_path, options, message):
     out = tmp_path / "results" / "runs"
@@ -192,8 +194,8 @@ def test_the_command_is_a_thin_wrapper(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(api, "compare", fake)
     code, _, err = invoke(capsys, "compare", "--task", "digits", "--samplers", "emc2", "--seeds", "0,5", "--set",
-                          "burn_in=0.3", "--collect", "--out", str(tmp_path / "runs"))
+                          "burn_in=0.3", "--collect", "--jobs", "2", "--out", str(tmp_path / "runs"))
     assert code == 0, err
-    assert (seen["task"], seen["samplers"], seen["seeds"], seen["params"], seen["collect"]) == (
-        "digits", "emc2", "0,5", ["burn_in=0.3"], True)
+    assert (seen["task"], seen["samplers"], seen["seeds"], seen["params"], seen["collect"], seen["jobs"]) == (
+        "digits", "emc2", "0,5", ["burn_in=0.3"], True, 2)
     assert seen["runs"] is None and f"comparison written to {tmp_path / 'x'}/" in " ".join(err.split())
