@@ -60,6 +60,11 @@ SLURM_PARTITION = typer.Option(None, "--slurm-partition", help="Slurm partition 
 SLURM_TIME = typer.Option(None, "--slurm-time", help="Time limit of each cell's job: minutes or [D-]HH:MM[:SS].")
 SLURM_GPUS = typer.Option(None, "--slurm-gpus-per-task", help="GPUs of each cell's job.")
 SLURM_ARRAY = typer.Option(None, "--slurm-array-parallelism", help="Cells of the job array running at once.")
+INIT_LR = typer.Option(_D.init_lr, help="Step size of the --init stationary gradient descent.")
+INIT_TOL = typer.Option(_D.init_tol, help="--init stationary stops once ‖∇F‖² is below this ...")
+INIT_STEPS = typer.Option(_D.init_steps, help="... or after this many exact gradient steps (then keeps the smallest-gap iterate).")
+GRAD_SPLIT = typer.Option(_D.grad_split, help="R >= 2: at each evaluation draw R sampler gradient estimates at the same θ "
+                          "and report grad_bias_sq and grad_var (0: off).")
 _DEBUG = False  # --debug was given (forwarded to the processes `run --nproc` starts)
 
 
@@ -115,6 +120,12 @@ def run(
     checkpoint_every: Optional[int] = typer.Option(
         None, help="Steps between checkpoints [default: one at each metric row]; SIGINT/SIGTERM also checkpoint. Rerun the same command to resume."
     ),
+    init: str = typer.Option(_D.init, help="random (the seed's initialisation) or stationary (exact gradient descent on F "
+                             "from it first, cached in <out>/.init)."),
+    init_lr: float = INIT_LR,
+    init_tol: float = INIT_TOL,
+    init_steps: int = INIT_STEPS,
+    grad_split: int = GRAD_SPLIT,
 ) -> None:
     """Train one sampler on one task and write results/runs/<run-id>/ (rerunning the same
     command resumes an interrupted run and skips a finished one)."""
@@ -128,6 +139,7 @@ def run(
         seed=seed, device=device, eval_every=eval_every, out=out, data_root=data_root,
         grad_error=grad_error, tv_steps=tv_steps, tv_anchors=tv_anchors, max_items=max_items,
         download=download, preset=preset, checkpoint_every=checkpoint_every,
+        init=init, init_lr=init_lr, init_tol=init_tol, init_steps=init_steps, grad_split=grad_split,
     )
     pairs = list(set_ or [])
     if preset is not None:
@@ -191,6 +203,19 @@ def _forwarded_args(ctx: typer.Context, drop: set[str]) -> list[str]:
         args.append("--debug")
     return args
 
+def _command_line(options: list[tuple[str, object, object]], set_pairs: list[str], command: str = "compare") -> str:
+    """``negbench compare`` (or ``command``) with every option that differs from its default."""
+    words = ["negbench", command]
+    for flag, value, default in options:
+        if value is None or value == default or value is False:
+            continue
+        words += [flag] if value is True else [flag, str(value)]
+    for pair in set_pairs:
+        words += ["--set", pair]
+    return " ".join(words)
+
+
+
 @app.command()
 def compare(
     runs: Optional[list[str]] = typer.Argument(None, help="Run folders, folders of run folders, or globs to compare instead of a grid.", show_default=False),
@@ -251,6 +276,100 @@ def compare(
         err.print("compare: interrupted; rerun the same command to resume")
         raise typer.Exit(130) from None
     err.print(f"comparison written to {result.folder}/")
+
+
+@app.command()
+def rate(
+    task: str = typer.Option("digits", help="Task of the study (finite views: the exact gradient)."),
+    samplers: str = typer.Option("in_batch,emc2,emc2:stale=refresh,sogclr,importance,full_softmax",
+                                 help="Comma-separated samplers, each name[:key=value[:key=value]]."),
+    batch_sizes: str = typer.Option("4,32", help="Comma-separated batch sizes."),
+    horizons: str = typer.Option("400,1600,6400", help="Comma-separated, increasing horizons T (steps of a run; at least two)."),
+    seeds: str = typer.Option("5", help="A count n (seeds 0..n-1) or a comma-separated list of seeds."),
+    lr_scale: float = typer.Option(10.0, help="c of the SGD step size η_T = c/√T (with --step-size constant: η = c)."),
+    step_size: str = typer.Option("sqrt", help="sqrt (η_T = c/√T, the theorem's) or constant (η = c for every T)."),
+    evals: int = typer.Option(16, help="Evenly spaced evaluations of the exact gap per run (every ⌊T/evals⌋ steps)."),
+    init: str = typer.Option("stationary", help="stationary (warm start: exact gradient descent on F, cached per task, "
+                             "encoder and seed) or random (cold start)."),
+    init_lr: float = INIT_LR,
+    init_tol: float = INIT_TOL,
+    init_steps: int = INIT_STEPS,
+    grad_split: int = GRAD_SPLIT,
+    momentum: float = MOMENTUM,
+    beta: float = BETA,
+    device: str = DEVICE,
+    out: Path = OUT,
+    data_root: Optional[Path] = DATA_ROOT,
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Task parameter, or parameter of every sampler of the grid that has it, key=value (repeatable)."),
+    tv_steps: int = typer.Option(0, help="Probe batches behind sampling_tv at each evaluation (0: off, the default here)."),
+    tv_anchors: int = TV_ANCHORS,
+    threads: int = typer.Option(1, help="torch CPU threads (1: the tiny steps of a small encoder are bound by thread "
+                                "synchronisation, and several grids or jobs share the cores)."),
+    plugin: Optional[list[Path]] = PLUGIN,
+    name: Optional[str] = typer.Option(None, help="Study folder <out>/../NAME [default: rate/<task>]."),
+    collect: bool = typer.Option(False, "--collect", help="Only aggregate the runs that exist; train nothing."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints [default: one at each metric row]."),
+    jobs: Optional[int] = JOBS,
+    threads_per_job: Optional[int] = THREADS_PER_JOB,
+    backend: str = BACKEND,
+    scheduler: Optional[str] = SCHEDULER,
+) -> None:
+    """Convergence-rate study: samplers × batch sizes × horizons T × seeds of SGD at η_T = c/√T
+    (finished runs skipped, interrupted ones resumed); per sampler and batch size the slope of
+    log(run-average ‖∇F‖²) on log T with its 95% interval and a verdict (falls / plateau /
+    unclear), into results/rate/<task>/: table.md, CSVs and a log–log plot per batch size."""
+    import torch
+
+    from negbench import grid as grids
+    from negbench import rate as study
+    from negbench import report
+    from negbench.executors import ExecutorOptions
+    from negbench.config import check_writable
+
+    _load_plugins(plugin)
+    err = Console(stderr=True)
+
+    def warn(message: str) -> None:
+        err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
+
+    if threads < 1:
+        raise UserError(f"--threads must be a positive integer, got {threads}")
+    study.check_task(task)
+    horizon_list = study.parse_horizons(horizons)
+    schedule = study.Schedule(lr_scale, step_size, evals)
+    schedule.check(horizon_list)
+    specs = grids.parse_sampler_specs(samplers)
+    sizes = grids.parse_batch_sizes(batch_sizes)
+    seed_list = grids.parse_seeds(seeds)
+    name = f"rate/{task}" if name is None else name
+    folder = report.comparison_folder(out, name)
+    check_writable(folder)
+    base = RunConfig(task=task, momentum=momentum, beta=beta, device=device, out=out, data_root=data_root,
+                     tv_steps=tv_steps, tv_anchors=tv_anchors, checkpoint_every=checkpoint_every, init=init,
+                     init_lr=init_lr, init_tol=init_tol, init_steps=init_steps, grad_split=grad_split)
+    grid = study.build(base, specs, sizes, horizon_list, seed_list, schedule, set_ or [])
+    command = _command_line([
+        ("--task", task, None), ("--samplers", ",".join(s.label for s in specs), None),
+        ("--batch-sizes", ",".join(map(str, sizes)), None), ("--horizons", ",".join(map(str, horizon_list)), None),
+        ("--seeds", seeds, None), ("--lr-scale", lr_scale, 10.0), ("--step-size", step_size, "sqrt"),
+        ("--evals", evals, 16), ("--init", init, "stationary"), ("--init-lr", init_lr, _D.init_lr),
+        ("--init-tol", init_tol, _D.init_tol), ("--init-steps", init_steps, _D.init_steps),
+        ("--grad-split", grad_split, 0), ("--momentum", momentum, 0.0), ("--beta", beta, 5.0),
+        ("--device", device, "auto"), ("--out", out, Path("results/runs")), ("--data-root", data_root, None),
+        ("--tv-steps", tv_steps, 0), ("--tv-anchors", tv_anchors, 8), ("--name", name, f"rate/{task}"),
+    ], set_ or [], command="rate")
+    torch.set_num_threads(threads)
+    if not collect:
+        err.print(f"rate: {len(grid.cells)} runs ({len(specs)} samplers × {len(sizes)} batch sizes × "
+                  f"{len(horizon_list)} horizons × {len(seed_list)} seeds) in {out}/")
+        executor = ExecutorOptions(backend=backend, jobs=jobs, threads_per_job=threads_per_job, scheduler=scheduler,
+                                   folder=out / ".submitit").validate()
+        if not grids.run_grid(grid.cells, err, title="rate", executor=executor, plugins=[str(p) for p in plugin or ()]):
+            err.print("rate: interrupted; rerun the same command to resume")
+            raise typer.Exit(130)
+    records = grids.collect_grid(grid, warn)
+    study.write(folder, records, title=name, command=command, console=Console())
+    err.print(f"rate study written to {folder}/")
 
 
 def _component_table(registry: Registry[Any], title: str) -> Table:

@@ -16,6 +16,7 @@ from negbench.errors import UserError, suggest
 from negbench.registry import SAMPLERS, TASKS
 
 OPTIMIZERS = ("sgd", "adam")
+INITS = ("random", "stationary")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 DEFAULT_STEPS = 1000
@@ -57,6 +58,15 @@ class RunConfig:
     #: steps between checkpoints; None: one at each metric row. Not part of the run id (a
     #: checkpoint never changes the results), like every field outside prepare()'s ``experiment``
     checkpoint_every: int | None = None
+    #: the parameters training starts from: ``random`` (the seed's initialisation) or
+    #: ``stationary`` (exact gradient descent on F from it first; negbench.warmstart)
+    init: str = "random"
+    init_lr: float = 1.0  # step size of that gradient descent
+    init_tol: float = 0.01  # it stops once ‖∇F‖² < init_tol ...
+    init_steps: int = 2000  # ... or after this many steps
+    #: R ≥ 2: at each evaluation, R independent sampler gradient estimates at the current θ
+    #: give grad_bias_sq and grad_var (negbench.gradsplit); 0: off
+    grad_split: int = 0
 
 
 def derive_seed(base: int, purpose: str) -> int:
@@ -147,6 +157,17 @@ def validate_numbers(config: RunConfig) -> None:
         raise UserError(f"--tv-anchors must be a positive integer, got {config.tv_anchors}")
     if config.max_items is not None and config.max_items < 2:
         raise UserError(f"--max-items must be an integer >= 2, got {config.max_items}")
+    if config.init not in INITS:
+        raise UserError(f"--init must be one of {', '.join(INITS)}, got {config.init!r}{suggest(config.init, INITS)}")
+    if not (math.isfinite(config.init_lr) and config.init_lr > 0):
+        raise UserError(f"--init-lr must be a finite number > 0, got {config.init_lr}")
+    if not (math.isfinite(config.init_tol) and config.init_tol > 0):
+        raise UserError(f"--init-tol must be a finite number > 0, got {config.init_tol}")
+    if config.init_steps < 1:
+        raise UserError(f"--init-steps must be a positive integer, got {config.init_steps}")
+    if config.grad_split == 1 or config.grad_split < 0:
+        raise UserError(f"--grad-split must be 0 (off) or a number of estimates R >= 2 (the variance needs two), "
+                        f"got {config.grad_split}; e.g. --grad-split 8")
     if config.checkpoint_every is not None and config.checkpoint_every < 1:
         raise UserError(f"--checkpoint-every must be a positive number of steps, got {config.checkpoint_every}")
 

@@ -239,8 +239,10 @@ def sampling_tv(
 ) -> tuple[float, float]:
     """``(sampling_tv, sampling_tv_floor)``: the mean TV between the sampler's negative
     distribution and the exact one, and the same for i.i.d. exact draws with as many samples
-    as the sampler saw candidates (2·batch_size per probe batch in which the row was an
-    anchor). Rows never anchored are left out."""
+    as the sampler drew negatives (:meth:`~negbench.sampler.Sampler.negatives_per_anchor`: 2·batch_size
+    in-batch candidates by default, K for ``importance`` and ``neg_cache``, per probe batch in
+    which the row was an anchor; 0 for a sampler whose weights are exact). Rows never anchored
+    are left out."""
     q, appearances = negative_distribution_counts(
         sampler, views, beta, batch_size=batch_size, steps=steps, anchors=anchors, seed=seed,
     )
@@ -248,5 +250,8 @@ def sampling_tv(
     seen = appearances > 0
     tv = float(total_variation(q[seen.to(q.device)], p[seen.to(p.device)]).mean())
     floor_generator = torch.Generator().manual_seed(seed + 2)
-    floor = iid_tv_floor(p[seen.to(p.device)], appearances[seen] * 2 * batch_size, floor_generator)
+    per_anchor = sampler.negatives_per_anchor(batch_size)
+    if per_anchor is None:
+        return tv, 0.0
+    floor = iid_tv_floor(p[seen.to(p.device)], appearances[seen] * per_anchor, floor_generator)
     return tv, floor

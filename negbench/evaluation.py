@@ -10,6 +10,8 @@ non-finite value appends its name to ``point.bad``). The groups:
 - ``loss``: the surrogate ℓ averaged over the window;
 - exact (finite-view tasks): ``gcl`` = F(θ), ``grad_norm_sq`` = ‖∇F(θ)‖², ``grad_error_sq`` =
   the window's mean ‖ĝ_t − ∇F(θ_t)‖² (``--grad-error``);
+- ``grad_bias_sq``, ``grad_var``: the bias² and variance of the sampler's gradient estimate at
+  θ from R draws (``--grad-split R``; :mod:`negbench.gradsplit`);
 - ``sampling_tv`` and its i.i.d. floor at frozen θ (:func:`negbench.distribution.sampling_tv`);
 - ``alignment``, ``uniformity`` (Wang & Isola, 2020) of the embeddings;
 - ``lp_acc``, ``knn1_acc``, ``knn10_acc`` of the probes on frozen features;
@@ -28,7 +30,9 @@ import torch
 from torch import Tensor
 
 from negbench import distributed
+from negbench.config import derive_seed
 from negbench.distribution import sampling_tv
+from negbench.gradsplit import gradient_split
 from negbench.metrics import alignment, peak_memory_bytes, probe_accuracies, uniformity
 from negbench.training import EXACT_CHUNK, Trainer, Window
 
@@ -46,6 +50,7 @@ class EvalPoint:
     window: Window
     probe_anchors: list[int]
     embeddings: Tensor | None = None
+    exact_grads: list[Tensor] | None = None  # ∇F(θ), set by exact_objective on finite-view tasks
     bad: list[str] = field(default_factory=list)
 
 
@@ -72,6 +77,7 @@ def exact_objective(point: EvalPoint) -> dict[str, Any]:
             point.bad.append("embeddings")
         return {"gcl": None, "grad_norm_sq": None, "grad_error_sq": None}
     value, grads = t.exact_gradient()
+    point.exact_grads = grads
     point.embeddings = t.all_view_embeddings()
     if not math.isfinite(value):
         point.bad.append("gcl")
@@ -82,6 +88,20 @@ def exact_objective(point: EvalPoint) -> dict[str, Any]:
         "grad_norm_sq": float(sum(float(g.pow(2).sum()) for g in grads)),
         "grad_error_sq": w.grad_error_sum / w.grad_error_count if w.grad_error_count else None,
     }
+
+
+def gradient_bias_variance(point: EvalPoint) -> dict[str, Any]:
+    """``grad_bias_sq`` and ``grad_var`` from ``--grad-split R`` draws at θ (no columns without
+    it; None when F is not finite). The run's own state is left as it was."""
+    t = point.trainer
+    repeats = t.run.config.grad_split
+    if not repeats:
+        return {}
+    if point.exact_grads is None or point.bad:
+        return {"grad_bias_sq": None, "grad_var": None}
+    # the estimates are a training step's: the model in training mode (buffers restored after)
+    return gradient_split(t.model, t.params, t.task, t.sampler, t.beta, t.batch_size, point.exact_grads, repeats,
+                          derive_seed(t.run.seeds.probe, f"split{t.step}"), train_mode=True)
 
 
 def negative_sampling_tv(point: EvalPoint) -> dict[str, Any]:
@@ -132,7 +152,8 @@ def cost(point: EvalPoint) -> dict[str, Any]:
 
 #: the metric groups of a row, in column order (see the module docstring)
 METRIC_GROUPS: list[MetricGroup] = [
-    progress, window_loss, exact_objective, negative_sampling_tv, geometry, probes, sampler_diagnostics, cost,
+    progress, window_loss, exact_objective, gradient_bias_variance, negative_sampling_tv, geometry, probes,
+    sampler_diagnostics, cost,
 ]
 
 

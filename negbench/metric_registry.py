@@ -81,12 +81,20 @@ FRAMEWORK_METRICS: tuple[Metric, ...] = (
            "(summary.json)", label="‖∇F‖² avg", applies=_FINITE, group="objective", headline=True),
     Metric("grad_norm_sq_min", "smallest stationarity gap of the run (summary.json)", applies=_FINITE,
            group="objective"),
+    Metric("grad_norm_sq_run_avg", "mean stationarity gap over the evaluations at t < T: the run's average "
+           "1/T Σ_t ‖∇F(θ_t)‖², what the convergence theorems bound (summary.json; negbench rate)",
+           label="‖∇F‖² run avg", applies=_FINITE, group="objective"),
     Metric("loss", "the surrogate ℓ averaged since the last row", group="objective", summary=True),
     Metric("grad_error_sq", "mean ‖ĝ_t − ∇F(θ_t)‖² of the sampler's gradient since the last row",
            applies="finite-view tasks with --grad-error", group="objective"),
+    Metric("grad_bias_sq", "‖ḡ − ∇F‖² − grad_var/R from R sampler gradient estimates at θ: unbiased for the "
+           "squared bias ‖Eĝ − ∇F‖²", label="grad bias²", applies="finite-view tasks with --grad-split", group="objective"),
+    Metric("grad_var", "1/(R−1) Σ_r ‖ĝ_r − ḡ‖² from R sampler gradient estimates at θ: the variance tr Σ",
+           label="grad var", applies="finite-view tasks with --grad-split", group="objective"),
     Metric("sampling_tv", "mean total variation between the sampler's negative distribution and the exact "
            "softmax, at frozen θ", label="sampling TV", applies=_FINITE, group="objective", summary=True, headline=True),
-    Metric("sampling_tv_floor", "the same TV for i.i.d. exact draws of as many samples: the noise floor",
+    Metric("sampling_tv_floor", "the same TV for i.i.d. exact draws of as many samples as the sampler draws "
+           "negatives per anchor: the noise floor",
            label="TV floor", applies=_FINITE, group="objective", summary=True, headline=True),
     Metric("alignment", "mean ‖e − e⁺‖² over positive pairs (Wang & Isola, 2020)", group="representation",
            summary=True),

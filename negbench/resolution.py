@@ -150,6 +150,27 @@ def provenance(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def rate_options(config: RunConfig, task: Task) -> dict[str, Any]:
+    """The warm start (``--init stationary``) and ``--grad-split`` settings for the run id,
+    only when they are on (so the ids of other runs stay as they were); refused where they
+    cannot work: both need the exact gradient, and run in one process."""
+    from negbench.warmstart import DescentSettings
+
+    extra: dict[str, Any] = {}
+    needs_exact = [flag for flag, on in (("--init stationary", config.init == "stationary"),
+                                         ("--grad-split", config.grad_split > 0)) if on]
+    if needs_exact and not task.finite_views:
+        raise UserError(f"{needs_exact[0]} needs the exact gradient, which task {task.name!r} (random augmentations) "
+                        f"does not have; use a finite-view task ({', '.join(finite_view_tasks())})")
+    if needs_exact and distributed.world_size() > 1:
+        raise UserError(f"{needs_exact[0]} runs in one process; leave out --nproc")
+    if config.init == "stationary":
+        extra["init"] = DescentSettings(config.init_lr, config.init_tol, config.init_steps).describe()
+    if config.grad_split:
+        extra["grad_split"] = config.grad_split
+    return extra
+
+
 @dataclass(frozen=True)
 class ResolvedRun:
     """A run with every default resolved: what the trainer, the evaluator and the session
@@ -205,6 +226,7 @@ def resolve(config: RunConfig, task: Task, sampler: Sampler, device: torch.devic
     }
     if config.max_items:  # only when set, so run ids without it stay as they were
         experiment["max_items"] = config.max_items
+    experiment.update(rate_options(config, task))
     rid = run_id(experiment)
     record = {
         **experiment,

@@ -213,7 +213,7 @@ def _numbers(summary: dict[str, Any]) -> dict[str, float]:
     """The final value of every numeric metric, plus the summary's gap statistics."""
     values = {k: float(v) for k, v in summary["final"].items()
               if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for key in ("grad_norm_sq_avg", "grad_norm_sq_min"):
+    for key in ("grad_norm_sq_avg", "grad_norm_sq_min", "grad_norm_sq_run_avg"):
         if isinstance(summary.get(key), (int, float)):
             values[key] = float(summary[key])
     return {k: v for k, v in values.items() if math.isfinite(v)}

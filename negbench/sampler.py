@@ -234,6 +234,15 @@ class Sampler(Configurable):
     def refresh(self, encode: EncodeFn) -> None:
         """No-grad re-encoding of cached rows (default nothing)."""
 
+    def negatives_per_anchor(self, batch_size: int) -> int | None:
+        """How many negatives one anchor's weights rest on in one step of ``batch_size`` items:
+        the sample size of the i.i.d. noise floor ``sampling_tv_floor`` (a probe row anchored
+        in k steps is compared with k times this many exact i.i.d. draws). Default: the 2B
+        in-batch candidates. Samplers that draw a fixed number of negatives (``importance``'s
+        K extras, ``neg_cache``'s K per anchor) return it; ``None`` means the weights are the
+        exact distribution itself (no sampling noise: floor 0)."""
+        return 2 * batch_size
+
     def diagnostics(self) -> dict[str, float]:
         """Sampler-specific metrics accumulated since the last call (then reset); every key is
         declared in ``diagnostic_metrics``."""

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import Tensor
 
-from negbench import distributed, metric_registry
+from negbench import distributed, metric_registry, warmstart
 from negbench.config import RunConfig
 from negbench.errors import UserError
 from negbench.evaluation import Evaluator
@@ -150,7 +150,9 @@ def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str |
               steps_done: int | None = None) -> dict[str, Any]:
     """The summary: status, the steps done (default: the step of the last row; an interrupted
     run may have gone past it), each metric's final value, and the stationarity-gap statistics
-    ``grad_norm_sq_avg`` (mean over the evaluations of the second half) and ``_min``."""
+    ``grad_norm_sq_avg`` (mean over the evaluations of the second half), ``_min``, and
+    ``_run_avg`` (mean over the evaluations at t < T: the run's average, 1/T Σ_{t<T} ‖∇F(θ_t)‖²,
+    what the convergence theorems bound)."""
     final: dict[str, Any] = {}
     for row in rows:
         for key, value in row.items():
@@ -158,6 +160,7 @@ def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str |
                 final[key] = value
     gaps = [(r["step"], r["grad_norm_sq"]) for r in rows if r.get("grad_norm_sq") is not None]
     second_half = [g for s, g in gaps if s >= steps / 2] or [g for _, g in gaps[-1:]]
+    before_end = [g for s, g in gaps if s < steps] or [g for _, g in gaps[-1:]]
     return {
         "status": status,
         "reason": reason,
@@ -166,6 +169,7 @@ def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str |
         "final": final,
         "grad_norm_sq_avg": sum(second_half) / len(second_half) if second_half else None,
         "grad_norm_sq_min": min((g for _, g in gaps), default=None),
+        "grad_norm_sq_run_avg": sum(before_end) / len(before_end) if before_end else None,
     }
 
 
@@ -201,6 +205,8 @@ class Session:
         self.main = distributed.is_main()  # with several processes only rank 0 writes files
         self.run_dir = prep.run_dir
         self.trainer = Trainer(prep.run, prep.task, prep.sampler)
+        if prep.config.init == "stationary":
+            warmstart.start_trainer(self.trainer, prep.resolved, console)
         self.evaluator = Evaluator(self.trainer)
         self.rows: list[dict[str, Any]] = []
 

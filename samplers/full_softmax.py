@@ -28,6 +28,10 @@ class FullSoftmaxSampler(Sampler):
         views = torch.arange(ctx.num_views, device=device).repeat(ctx.num_items)
         return Extras(items, views)
 
+    def negatives_per_anchor(self, batch_size: int) -> int | None:
+        """None: W is the exact softmax, so there is no sampling noise (TV floor 0)."""
+        return None
+
     def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
         a = batch.num_anchors
         weights = sims.new_zeros(sims.shape)

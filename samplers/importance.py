@@ -85,6 +85,10 @@ class ImportanceSampler(Sampler):
             items = torch.multinomial(self._log_q.exp(), self.k, replacement=True, generator=self.generator)
         return Extras(items, torch.full_like(items, -1))
 
+    def negatives_per_anchor(self, batch_size: int) -> int | None:
+        """K negatives per anchor per step (not the 2B in-batch candidates)."""
+        return self.k
+
     def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
         a = batch.num_anchors
         weights = sims.new_zeros(sims.shape)

@@ -127,6 +127,10 @@ class NegativeCacheSampler(Sampler):
         owner = torch.arange(batch.num_anchors, device=items.device).repeat_interleave(self.k)
         return Extras(items, views, owner=owner)
 
+    def negatives_per_anchor(self, batch_size: int) -> int | None:
+        """K negatives per anchor per step (not the 2B in-batch candidates)."""
+        return self.k
+
     def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
         a = batch.num_anchors
         weights = sims.new_zeros(sims.shape)

@@ -101,6 +101,11 @@ RUN = [
     Case(["--tv-steps", "-1"], "--tv-steps must be >= 0"),
     Case(["--tv-anchors", "0"], "--tv-anchors must be a positive integer"),
     Case(["--checkpoint-every", "0"], "--checkpoint-every must be a positive number of steps"),
+    Case(["--grad-split", "1"], "--grad-split must be 0 (off) or a number of estimates R >= 2"),
+    Case(["--init", "warm"], "--init must be one of random, stationary"),
+    Case(["--init-lr", "0"], "--init-lr must be a finite number > 0"),
+    Case(["--plugin", "{tmp}/random_aug.py", "--task", "test_random_aug", "--set", "num_items=24", "--batch-size", "4",
+          "--sampler", "in_batch", "--grad-split", "2"], "--grad-split needs the exact gradient", make_random_aug_plugin),
     Case(["--device", "tpu"], "--device must be one of auto, cpu, cuda"),
     Case(["--device", "cuda"], "CUDA is not available", skip=None if NO_CUDA else "this machine has CUDA"),
     Case(["--preset", "paper"], "unknown preset 'paper'"),
@@ -185,6 +190,30 @@ COMPARE = [
     Case(["{tmp}/empty"], "none of the given folders holds a readable run", make_empty_folder),
 ]
 
+RATE_BASE = [*TINY_SYNTHETIC, "--samplers", "in_batch", "--batch-sizes", "4", "--seeds", "1", "--horizons", "8,16",
+             "--evals", "2"]
+RATE = [
+    Case([*RATE_BASE, "--horizons", "400"], "--horizons needs at least two horizons"),
+    Case([*RATE_BASE, "--horizons", "0,400"], "--horizons must be positive"),
+    Case([*RATE_BASE, "--horizons", "1600,400"], "--horizons must be strictly increasing"),
+    Case([*RATE_BASE, "--horizons", "400,400"], "--horizons must be strictly increasing"),
+    Case([*RATE_BASE, "--horizons", "4e2,1600"], "--horizons expects integers"),
+    Case([*RATE_BASE, "--lr-scale", "0"], "--lr-scale must be a finite number > 0"),
+    Case([*RATE_BASE, "--lr-scale", "-3"], "--lr-scale must be a finite number > 0"),
+    Case([*RATE_BASE, "--step-size", "linear"], "--step-size must be one of sqrt, constant"),
+    Case([*RATE_BASE, "--evals", "1"], "--evals must be at least 2"),
+    Case([*RATE_BASE, "--evals", "9"], "--evals 9 is more than the smallest horizon (8 steps)"),
+    Case([*RATE_BASE, "--grad-split", "1"], "--grad-split must be 0 (off) or a number of estimates R >= 2"),
+    Case([*RATE_BASE, "--init", "warm"], "--init must be one of random, stationary"),
+    Case([*RATE_BASE, "--init-steps", "0"], "--init-steps must be a positive integer"),
+    Case([*RATE_BASE, "--threads", "0"], "--threads must be a positive integer"),
+    Case([*RATE_BASE, "--samplers", "emc2:stale"], "expected key=value"),
+    Case([*RATE_BASE, "--samplers", "emc2:burn_in=2"], "must be in [0, 0.99]"),
+    Case([*RATE_BASE, "--samplers", "emcc"], "did you mean: emc2"),
+    Case(["--plugin", "{tmp}/random_aug.py", "--task", "test_random_aug", "--horizons", "8,16", "--evals", "2"],
+         "negbench rate needs the exact gradient", make_random_aug_plugin),
+]
+
 BENCH = [
     Case(["--batch-sizes", "0"], "positive integers"),
     Case(["--batch-sizes", "32,x"], "positive integers"),
@@ -208,7 +237,8 @@ LIST = [
     Case(["--plugin", "{tmp}/missing.py"], "does not exist"),
 ]
 
-CASES = [(command, case) for command, cases in (("run", RUN), ("compare", COMPARE), ("bench", BENCH), ("list", LIST))
+CASES = [(command, case) for command, cases in (("run", RUN), ("compare", COMPARE), ("rate", RATE), ("bench", BENCH),
+                                                ("list", LIST))
          for case in cases]
 
 
@@ -225,7 +255,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, case, tmp_path
         case.setup(tmp_path)
     before = tree(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in case.args]
-    if command in ("run", "compare", "bench") and case.default_out and "--out" not in args:
+    if command in ("run", "compare", "rate", "bench") and case.default_out and "--out" not in args:
         args += ["--out", str(tmp_path / "out")]
     code, stdout, err = invoke(capsys, command, *args)
     assert code == 2, (code, err)
@@ -237,7 +267,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, case, tmp_path
 
 def test_there_are_at_least_30_distinct_bad_inputs():
     assert len({(c, tuple(case.args)) for c, case in CASES}) >= 30
-    assert {c for c, _ in CASES} == {"run", "compare", "bench", "list"}
+    assert {c for c, _ in CASES} == {"run", "compare", "rate", "bench", "list"}
 
 
 def test_debug_shows_the_traceback_instead(tmp_path):
