@@ -367,7 +367,7 @@ def rate(
         if not grids.run_grid(grid.cells, err, title="rate", executor=executor, plugins=[str(p) for p in plugin or ()]):
             err.print("rate: interrupted; rerun the same command to resume")
             raise typer.Exit(130)
-    records = grids.collect_grid(grid, warn)
+    records = study.collect(grid, warn)
     study.write(folder, records, title=name, command=command, console=Console())
     err.print(f"rate study written to {folder}/")
 

@@ -43,7 +43,7 @@ from scipy import stats
 from negbench import grid as grids
 from negbench import report as reports
 from negbench.grid import Grid, SamplerSpec
-from negbench.results import RunRecord, one_line
+from negbench.results import RunRecord, Warn, one_line
 from negbench.stats import CONFIDENCE, mean_ci
 from negbench.config import RunConfig
 from negbench.errors import UserError
@@ -127,6 +127,16 @@ def build(base: RunConfig, specs: list[SamplerSpec], batch_sizes: list[int], hor
 
 
 # ---- reading back ----------------------------------------------------------------------------
+
+def collect(grid: Grid, warn: Warn) -> list[RunRecord]:
+    """:func:`negbench.grid.collect_grid`, with the horizon of each cell kept on records that
+    have no run folder to read it from (missing, failed)."""
+    records = grids.collect_grid(grid, warn)
+    for cell, record in zip(grid.cells, records):
+        if "steps" not in record.config:
+            record.config = {**record.config, "steps": cell.config.steps}
+    return records
+
 
 def _run_mean(rows: Sequence[dict[str, Any]], key: str) -> float:
     values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
@@ -278,7 +288,7 @@ def report(slopes: pd.DataFrame, cells: pd.DataFrame, records: Sequence[RunRecor
     init = frame["init_stopped_by"].dropna()
     init_line = ("warm start (`--init stationary`), stopped by " + ", ".join(f"{k} in {v} runs" for k, v in init.value_counts().items())
                  if len(init) else "cold start (`--init random`)")
-    config = next((r.config for r in records if r.config), {})
+    config = next((r.config for r in records if r.status == "completed"), {})
     versions = config.get("versions", {})
     lrs = frame.groupby("horizon")["lr"].first()
     settings = (f"task `{config.get('task')}` (N = {config.get('num_items')}), SGD (momentum {config.get('momentum')}) at "
@@ -296,11 +306,17 @@ def report(slopes: pd.DataFrame, cells: pd.DataFrame, records: Sequence[RunRecor
              f"Mean ± half-width of the {CONFIDENCE:.0%} Student-t interval over seeds. Run avg: the mean of the "
              "exact gap over the evaluations at t < T; min: over all evaluations; grad bias² / var: the means over "
              "the run's evaluations of `grad_bias_sq` and `grad_var` (`--grad-split`)."]
-    problems = [r for r in records if r.status != "completed"]
-    if problems:
+    problems = [r for r in records if r.status not in ("completed", "missing")]
+    missing = [r for r in records if r.status == "missing"]
+    if problems or missing:
         lines += ["", "## Runs not counted", ""]
         lines += [f"- `{r.label}` B={r.batch_size} T={r.config.get('steps', '?')} seed {r.seed}: **{r.status}**"
                   + (f" — {one_line(r.reason)}" if r.reason else "") for r in problems]
+        counts: dict[str, int] = {}
+        for r in missing:
+            key = f"`{r.label}` B={r.batch_size} T={r.config.get('steps', '?')}"
+            counts[key] = counts.get(key, 0) + 1
+        lines += [f"- {key}: {n} run(s) **not run** (missing)" for key, n in counts.items()]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
