@@ -242,6 +242,7 @@ def rate_figure(frame: pd.DataFrame, batch_size: int, title: str) -> bytes:
     slope -1/2 (the theorem's rate)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     from negbench.plots import DPI, _colours
 
@@ -266,6 +267,7 @@ def rate_figure(frame: pd.DataFrame, batch_size: int, title: str) -> bytes:
         ax.plot(horizons, guide, ls=":", color="grey", label="slope −½")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(horizons, [str(int(h)) for h in horizons])
     ax.set_xlabel("horizon T (SGD steps)")
     ax.set_ylabel("run-average ‖∇F(θ_t)‖²")
