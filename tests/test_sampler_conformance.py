@@ -122,5 +122,7 @@ def test_check_of_a_file_registering_nothing_is_a_user_error(tmp_path, capsys, r
 def test_check_of_a_plugin_that_fails_to_import(tmp_path, capsys, restore_registries):
     path = tmp_path / "import_error_plugin.py"
     path.write_text("import no_such_module_for_check\n")
-    code, out, _ = invoke(capsys, "check", str(path))
-    assert code == 1 and "FAIL  plugin import_error_plugin.py  imports: ModuleNotFoundError" in out
+    code, out, err = invoke(capsys, "check", str(path))
+    # issue 17: a plugin that fails to import is bad input for every command but list
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "plugin import_error_plugin.py line 1: ModuleNotFoundError" in err
