@@ -96,15 +96,14 @@ def frozen_step(
     item_views: Tensor,
     data_generator: torch.Generator,
     probe_items: Tensor | None = None,
-    where: str = "in a frozen step",
 ) -> tuple[Batch, Tensor]:
     """One sampler step at frozen embeddings ``views`` (N, m, d): the anchors are views
     ``item_views[k, 0]`` and ``item_views[k, 1]`` of ``items[k]``; extras the sampler asks for
     are looked up in ``views`` (a free view -1 drawn uniformly), stale extras taken as the
     sampler gives them. With ``probe_items`` (a bool
     per item), anchors of probe items get no probe-item candidate. Returns the batch (with
-    extras) and the sampler's weights, checked against the weight contract
-    (:class:`~negbench.contract.WeightContractError` naming ``where``)."""
+    extras) and the sampler's weights (unchecked: :func:`negative_distribution` checks them
+    against the weight contract; the conformance suite has its own checks)."""
     m = views.shape[1]
     anchor_items = items.repeat_interleave(2)
     anchor_views = item_views.reshape(-1)
@@ -220,7 +219,9 @@ def negative_distribution_counts(
         chosen = others[torch.randperm(others.numel(), generator=data_generator)[:batch_size]]
         items = torch.cat([probe_ids, chosen]).to(device)
         item_views = draw_views(items.numel(), m, data_generator).to(device)
-        batch, weights = frozen_step(probe_sampler, views, items, item_views, data_generator, is_probe_dev, where)
+        batch, weights = frozen_step(probe_sampler, views, items, item_views, data_generator, is_probe_dev)
+        # a probe anchor may be left empty: extras a sampler drew are invalid when they are probe items
+        check_now(weights, batch, probe_sampler, where, allow_empty=True)
         probe_rows = is_probe_dev[batch.anchor_items]
         rows = torch.nonzero(probe_rows).squeeze(1)
         row_ids = torch.arange(num_probe, device=device).repeat_interleave(2) * m + batch.anchor_views[rows]

@@ -247,13 +247,8 @@ def tree(folder: Path) -> dict[str, int]:
 
 
 @pytest.fixture(autouse=True)
-def _forget_plugin_failures():
-    """The broken plugin fixtures' import errors are recorded in the process-wide registries:
-    forget them after each test (test_sampler_conformance checks the built-ins import)."""
-    saved = [(r, dict(r.failures), dict(r.plugin_failures)) for r in (SAMPLERS, TASKS)]
-    yield
-    for registry, failures, plugin_failures in saved:
-        registry.failures, registry.plugin_failures = failures, plugin_failures
+def _forget_plugins(restore_registries):
+    """The plugin fixtures' registrations and import errors are forgotten after each test."""
 
 
 @pytest.mark.parametrize(("command", "case"), CASES, ids=[f"{c} {' '.join(case.args)}" for c, case in CASES])
@@ -375,7 +370,7 @@ def test_random_run_options_never_end_in_a_traceback(options, tmp_path_factory, 
     out = tmp_path_factory.mktemp("run") / "out"
     code, _, err = invoke(capsys, "run", *options, "--out", str(out))  # an exception here fails the test
     event(f"exit code {code}")  # --hypothesis-show-statistics: how many draws were valid
-    assert code in (0, 2, 130), (code, err)
+    assert code in (0, 2, 3, 130), (code, err)  # 3: diverged (e.g. --lr 1e30); never 1: a built-in never fails
     assert "Traceback" not in err
     if code == 2:  # bad input: one line, and nothing written
         assert err.startswith("negbench: error:") and err.count("\n") == 1, err

@@ -59,15 +59,6 @@ def test_task_conformance(name, check):
     assert verdict.status == "pass", verdict.line()
 
 
-@pytest.fixture()
-def restore_registries():
-    """Unregister what a test's plugins registered, so later tests see the built-ins only."""
-    saved = [(r, dict(r._classes), dict(r._aliases), dict(r.failures)) for r in (SAMPLERS, TASKS)]
-    yield
-    for registry, classes, aliases, failures in saved:
-        registry._classes, registry._aliases, registry.failures = classes, aliases, failures
-
-
 def readme_plugin() -> str:
     """The plugin example of the README's "Adding a sampler" section, as written there."""
     section = README.read_text(encoding="utf-8").split("## Adding a sampler", 1)[1]
