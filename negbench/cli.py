@@ -293,7 +293,8 @@ def compare(
 ) -> None:
     """Run the missing cells of a samplers × batch sizes × seeds grid (finished runs are
     skipped, interrupted ones resumed), then aggregate over seeds into results/NAME/:
-    table.csv, table.md and PNG plots."""
+    table.csv, table.md and PNG plots. Exit code 1 when a run failed (a diverged run is a result: 0),
+    2 bad input, 130 interrupted."""
     from rich.markup import escape
 
     from negbench import grid as grids

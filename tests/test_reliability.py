@@ -564,3 +564,74 @@ def test_a_cjk_name_gives_one_warning_not_one_per_glyph(tmp_path, capsys, recwar
     assert code == 0, err
     glyphs = [w for w in recwarn if "missing from font" in str(w.message) or "fonts lack" in str(w.message)]
     assert len(glyphs) <= 1, [str(w.message) for w in glyphs]
+
+
+def _reference_rules(w, valid, positive, signed=False, empty_rows=False):
+    """The weight contract's rules 2-5, one anchor at a time in plain Python (independent of
+    negbench.contract's tensor code): the names of the rules W breaks."""
+    broken = set()
+    for a, row in enumerate(w.tolist()):
+        if any(x != x or abs(x) == float("inf") for x in row):
+            broken.add("finite")
+            continue
+        if not signed and min(row) < 0:
+            broken.add("negative")
+        if any(x != 0 and not valid[a][c] and c != positive[a] for c, x in enumerate(row)):
+            broken.add("support")
+        empty_allowed = empty_rows or not any(valid[a])
+        if not (sum(row) > 0 or (all(x == 0 for x in row) and empty_allowed)):
+            broken.add("row sum")
+    return broken
+
+
+def test_the_weight_contract_agrees_with_a_plain_python_reference():
+    from negbench.contract import _NEGATIVE, _NOT_FINITE, _OFF_SUPPORT, _ROW_SUM, verdict
+    from negbench.sampler import Batch
+
+    names = {_NOT_FINITE: "finite", _NEGATIVE: "negative", _OFF_SUPPORT: "support", _ROW_SUM: "row sum"}
+    gen = torch.Generator().manual_seed(0)
+    items = torch.tensor([0, 0, 1, 1, 2, 2])
+    batch = Batch.from_anchors(items, torch.tensor([0, 1] * 3), torch.zeros(6, 4))
+    for trial in range(200):
+        w = torch.rand(6, 6, generator=gen) * (torch.rand(6, 6, generator=gen) < 0.5)
+        w = w * batch.valid  # a valid W, then one kind of damage
+        kind = trial % 5
+        a, c = torch.randint(6, (2,), generator=gen).tolist()
+        if kind == 1:
+            w[a, c] = -0.5
+        elif kind == 2:
+            w[a, a] = 0.3  # the anchor itself
+        elif kind == 3:
+            w[a] = 0.0
+        elif kind == 4:
+            w[a, c] = float("nan")
+        for signed, empty in ((False, False), (True, False), (False, True)):
+            sampler = type("S", (), {"signed_weights": signed, "empty_rows": empty, "name": "s"})()
+            bits = int(verdict(w, batch, sampler)[0])
+            got = {name for bit, name in names.items() if bits & bit}
+            want = _reference_rules(w, batch.valid.tolist(), batch.positive.tolist(), signed, empty)
+            if "finite" in want:  # a NaN row is reported as that, whatever else it breaks
+                assert "finite" in got
+            else:
+                assert got == want, (trial, signed, empty, w)
+
+
+def test_the_deferred_contract_reads_its_verdicts_at_flush_and_names_the_first_bad_step():
+    """The CUDA path (no host synchronisation per step), exercised on the CPU."""
+    from negbench import get_sampler
+    from negbench.contract import WeightContract, WeightContractError
+    from negbench.sampler import Batch, SamplerContext
+
+    sampler = get_sampler("uniform").bind(SamplerContext(num_items=3, num_views=2, beta=5.0, dim=4))
+    batch = Batch.from_anchors(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1] * 3), torch.zeros(6, 4))
+    good = sampler.weigh(torch.zeros(6, 6), batch)
+    contract = WeightContract(sampler, deferred=True)
+    contract.check(good, batch, 1)
+    contract.check(-good, batch, 2)  # deferred: nothing raised yet
+    contract.check(good * float("nan"), batch, 3)
+    with pytest.raises(WeightContractError, match="'uniform' broke the weight contract at step 2: W has negative"):
+        contract.flush()
+    contract.check(good, batch, 4)
+    assert contract.window_empty() is False
+    with pytest.raises(WeightContractError, match=r"at step 5: W has shape \(6, 5\)"):
+        contract.check(good[:, :5], batch, 5)  # the shape is a host-side fact: at once
