@@ -404,6 +404,12 @@ def test_config_records_the_derived_seeds_and_the_provenance(reference):
 PLUGINS = Path(__file__).parent / "plugins"  # the fixtures (see plugins/README.md)
 
 
+@pytest.fixture(autouse=True)
+def _forget_plugins(restore_registries):
+    """The plugin fixtures' registrations are forgotten after each test (another test may load
+    a file of the same name, e.g. test_sampler_conformance's wrong_shape.py)."""
+
+
 def plugin_run(tmp_path: Path, name: str, sampler: str, *extra: str) -> list[str]:
     return ["run", "--plugin", str(PLUGINS / name), *TINY_SYNTHETIC, "--sampler", sampler, "--batch-size", "4",
             "--steps", "4", "--eval-every", "2", "--seed", "0", "--out", str(tmp_path / "runs"), "--quiet", *extra]
