@@ -22,34 +22,43 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from typing import TYPE_CHECKING  # noqa: E402
+from typing import TYPE_CHECKING, Any
 
-from negbench.api import CompareResult, compare, load_runs  # noqa: E402
-from negbench.config import RunConfig  # noqa: E402
-from negbench.distribution import negative_distribution, sampling_tv  # noqa: E402
-from negbench.encoders import Encoder, make_encoder  # noqa: E402
-from negbench.errors import UserError  # noqa: E402
-from negbench.loss import ContrastiveLoss  # noqa: E402
-from negbench.metric_registry import Metric  # noqa: E402
-from negbench.objective import exact_gradient, gcl_loss, surrogate_loss  # noqa: E402
-from negbench.params import Param  # noqa: E402
-from negbench.registry import (  # noqa: E402
-    get_sampler,
-    get_task,
-    list_samplers,
-    list_tasks,
-    load_plugin,
-    register_sampler,
-    register_task,
-)
-from negbench.sampler import Batch, EncodeFn, Extras, Sampler, SamplerContext  # noqa: E402
-from negbench.task import EvalData, FiniteViewTask, Task  # noqa: E402
+#: public name → the module that defines it, imported on first use (PEP 562): the command line
+#: then rejects a bad option before torch is loaded (issue 17)
+_EXPORTS = {
+    "CompareResult": "negbench.api", "compare": "negbench.api", "load_runs": "negbench.api",
+    "RunConfig": "negbench.config",
+    "negative_distribution": "negbench.distribution", "sampling_tv": "negbench.distribution",
+    "Encoder": "negbench.encoders", "make_encoder": "negbench.encoders",
+    "UserError": "negbench.errors",
+    "ContrastiveLoss": "negbench.loss",
+    "Metric": "negbench.metric_registry",
+    "exact_gradient": "negbench.objective", "gcl_loss": "negbench.objective", "surrogate_loss": "negbench.objective",
+    "Param": "negbench.params",
+    "get_sampler": "negbench.registry", "get_task": "negbench.registry", "list_samplers": "negbench.registry",
+    "list_tasks": "negbench.registry", "load_plugin": "negbench.registry", "register_sampler": "negbench.registry",
+    "register_task": "negbench.registry",
+    "Batch": "negbench.sampler", "EncodeFn": "negbench.sampler", "Extras": "negbench.sampler",
+    "Sampler": "negbench.sampler", "SamplerContext": "negbench.sampler",
+    "EvalData": "negbench.task", "FiniteViewTask": "negbench.task", "Task": "negbench.task",
+}
 
 if TYPE_CHECKING:
-
     from rich.console import Console
 
+    from negbench.config import RunConfig
     from negbench.session import RunOutcome
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'negbench' has no attribute {name!r}")
 
 
 def run(config: RunConfig, *, console: "Console | None" = None, show_progress: bool = True) -> "RunOutcome":
@@ -77,10 +86,4 @@ def run(config: RunConfig, *, console: "Console | None" = None, show_progress: b
     return _run(config, console=console, show_progress=show_progress)
 
 
-__all__ = [
-    "Batch", "CompareResult", "ContrastiveLoss", "EncodeFn", "Encoder", "EvalData", "Extras", "FiniteViewTask", "Metric", "Param",
-    "RunConfig", "Sampler",
-    "SamplerContext", "Task", "UserError", "exact_gradient", "gcl_loss", "get_sampler", "get_task",
-    "list_samplers", "list_tasks", "load_plugin", "make_encoder", "negative_distribution", "register_sampler",
-    "register_task", "run", "sampling_tv", "surrogate_loss", "compare", "load_runs",
-]
+__all__ = sorted([*_EXPORTS, "run"])

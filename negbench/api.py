@@ -50,12 +50,16 @@ class CompareResult:
             run_dir``, then the final value of every metric (NaN where a run has none).
         folder: the comparison folder written (``table.csv``, ``table.md``, the plots).
         plots: the file names of the plots written into ``folder``.
+        failed: ``label B=b seed s`` of every run that failed (``negbench compare`` then exits 1;
+            a diverged run is a result, and a sampler the task cannot run is a failed row, not a
+            failed run).
     """
 
     table: pd.DataFrame
     runs: pd.DataFrame
     folder: Path
     plots: tuple[str, ...]
+    failed: tuple[str, ...] = ()
 
 
 def _as_text(value: Union[str, int, Sequence[Any], None], option: str) -> str | None:
@@ -168,10 +172,10 @@ def compare(
                                                   ("--seeds", seeds), ("--collect", collect or None)) if value is not None]
         if grid_options:
             raise UserError(f"give run folders or a grid ({', '.join(grid_options)}), not both")
-        comparison = _compare_folders(given, out=out, name=name, reference=reference, sort=sort, warn=warn,
+        comparison, failed = _compare_folders(given, out=out, name=name, reference=reference, sort=sort, warn=warn,
                                       console=shown)
     else:
-        comparison = _compare_grid(
+        comparison, failed = _compare_grid(
             RunConfig(task=task or _D.task, steps=steps, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
                       weight_decay=weight_decay, beta=beta, device=device, eval_every=eval_every, out=out,
                       data_root=Path(data_root) if data_root is not None else None, grad_error=grad_error,
@@ -181,12 +185,14 @@ def compare(
             collect=collect, executor=executor, plugins=tuple(str(p) for p in plugins), err=err, warn=warn,
             console=shown)
     return CompareResult(comparison.table, _runs_frame(comparison.records), comparison.folder,
-                         tuple(comparison.plots))
+                         tuple(comparison.plots), tuple(failed))
 
 
 def _compare_folders(runs: list[str], *, out: Path, name: str | None, reference: str | None, sort: str,
-                     warn: Warn, console: Console) -> Any:
-    """:func:`compare` of given run folders (no grid): a :class:`negbench.report.Comparison`."""
+                     warn: Warn, console: Console) -> tuple[Any, list[str]]:
+    """:func:`compare` of given run folders (no grid): a :class:`negbench.report.Comparison` and
+    the failed runs."""
+    from negbench import grid as grids
     from negbench import report
     from negbench.config import check_writable
     from negbench.results import collect_dirs
@@ -202,14 +208,17 @@ def _compare_folders(runs: list[str], *, out: Path, name: str | None, reference:
     command = command_line([("--out", out, _D.out), ("--name", name, None),
                             ("--reference", reference, None), ("--sort", sort, DEFAULT_SORT)], [])
     command = command.replace("negbench compare", "negbench compare " + " ".join(runs), 1)
-    return report.write_comparison(folder, records, reference=ref, sort=sort,
-                                   title=report.default_title(records, name), command=command, console=console)
+    comparison = report.write_comparison(folder, records, reference=ref, sort=sort,
+                                         title=report.default_title(records, name), command=command, console=console)
+    return comparison, grids.failed_runs(records)
 
 
 def _compare_grid(base: RunConfig, *, samplers: str | None, batch_sizes: str | None, seeds: str | None,
                   set_pairs: list[str], name: str | None, reference: str | None, sort: str, collect: bool,
-                  executor: Any, plugins: tuple[str, ...], err: Console, warn: Warn, console: Console) -> Any:
-    """:func:`compare` of a grid: validate every cell, run the missing ones, aggregate."""
+                  executor: Any, plugins: tuple[str, ...], err: Console, warn: Warn,
+                  console: Console) -> tuple[Any, list[str]]:
+    """:func:`compare` of a grid: validate every cell, run the missing ones, aggregate; the
+    comparison and the failed runs."""
     from negbench import grid as grids
     from negbench import report
     from negbench.config import check_writable
@@ -249,8 +258,9 @@ def _compare_grid(base: RunConfig, *, samplers: str | None, batch_sizes: str | N
             raise Interrupted("compare interrupted; rerun the same comparison to resume")
     records = grids.collect_grid(grid, warn)
     ref = report.check_reference(ref_label, records, explicit=reference is not None)
-    return report.write_comparison(folder, records, reference=ref, sort=sort,
-                                   title=report.default_title(records, name), command=command, console=console)
+    comparison = report.write_comparison(folder, records, reference=ref, sort=sort,
+                                         title=report.default_title(records, name), command=command, console=console)
+    return comparison, grids.failed_runs(records, grid)
 
 
 def load_runs(path_or_glob: Union[PathLike, Sequence[PathLike]], *, warn: Warn | None = None) -> pd.DataFrame:

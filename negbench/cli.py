@@ -1,5 +1,10 @@
 """The ``negbench`` command line (DESIGN §6). Every bad input ends as one line on stderr and
-exit code 2 (``--debug`` shows the traceback instead)."""
+exit code 2 (``--debug`` shows the traceback instead).
+
+Exit codes (issue 17; README "Exit codes"): 0 completed, 1 failed (an internal error: one
+line on the terminal, the traceback in the run folder's ``error.log``; ``--debug`` raises it),
+2 bad input, 3 diverged, 130 interrupted. ``compare`` exits 1 when a cell failed, else 0 (a
+diverged cell is a result of the comparison), 130 when interrupted."""
 
 from __future__ import annotations
 
@@ -12,19 +17,25 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from negbench.config import DEFAULT_BATCH_SIZES, DEFAULT_SEEDS, RunConfig, split_set_options
+from negbench.config import DEFAULT_BATCH_SIZES, DEFAULT_SEEDS, RunConfig, split_set_options, validate_numbers
 from negbench.errors import UserError
 from negbench.metric_registry import DEFAULT_SORT
-from negbench.registry import SAMPLERS, TASKS, Registry, load_plugin, registered_by
+from negbench.registry import SAMPLERS, TASKS, Registry, load_plugin, plugin_errors, registered_by
 
 try:  # typer >= 0.22 vendors click; older releases depend on it
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - depends on the installed typer
     import click.exceptions as click_exceptions  # type: ignore[no-redef]
 
+#: exit codes (module docstring)
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_FAILED, "diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}
+
 app = typer.Typer(
     name="negbench",
-    help="Benchmark negative samplers for contrastive learning on common tasks.",
+    help="Benchmark negative samplers for contrastive learning on common tasks. Exit codes: 0 completed, "
+         "1 failed (traceback in the run folder's error.log), 2 bad input, 3 diverged, 130 interrupted; "
+         "compare: 1 when a cell failed.",
     add_completion=False,
     no_args_is_help=False,
     pretty_exceptions_enable=False,
@@ -68,9 +79,13 @@ GRAD_SPLIT = typer.Option(_D.grad_split, help="R >= 2: at each evaluation draw R
 _DEBUG = False  # --debug was given (forwarded to the processes `run --nproc` starts)
 
 
-def _load_plugins(plugins: Optional[list[Path]]) -> None:
+def _load_plugins(plugins: Optional[list[Path]], strict: bool = True) -> None:
+    """Import the ``--plugin`` files. ``strict`` (every command but ``list``): a plugin file or
+    entry point that fails to import is a one-line error (exit 2)."""
     for path in plugins or []:
-        load_plugin(path)
+        load_plugin(path, strict=strict)
+    if strict:
+        plugin_errors()
 
 
 def _given(ctx: typer.Context) -> set[str]:
@@ -128,11 +143,8 @@ def run(
     grad_split: int = GRAD_SPLIT,
 ) -> None:
     """Train one sampler on one task and write results/runs/<run-id>/ (rerunning the same
-    command resumes an interrupted run and skips a finished one)."""
-    from negbench import distributed
-    from negbench.runner import run as run_one, summary_table
-
-    _load_plugins(plugin)
+    command resumes an interrupted run and skips a finished one). Exit code 0 completed, 1
+    failed, 2 bad input, 3 diverged, 130 interrupted."""
     options = dict(
         sampler=sampler, task=task, batch_size=batch_size, steps=steps, epochs=epochs,
         optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, beta=beta,
@@ -142,6 +154,12 @@ def run(
         init=init, init_lr=init_lr, init_tol=init_tol, init_steps=init_steps, grad_split=grad_split,
     )
     pairs = list(set_ or [])
+    if preset is None:  # before any heavy import: a bad number is a one-line error at once
+        validate_numbers(RunConfig(**options))
+    from negbench import distributed
+    from negbench.runner import run as run_one, summary_table
+
+    _load_plugins(plugin)
     if preset is not None:
         from negbench.presets import apply_preset
 
@@ -152,9 +170,13 @@ def run(
         raise typer.Exit(_launch(ctx, config, nproc))
     outcome = run_one(config, show_progress=not quiet)
     if distributed.is_main():
-        Console().print(summary_table(outcome.summary, f"{outcome.run_dir}"))
-    if outcome.summary["status"] == "interrupted":
-        raise typer.Exit(130)
+        console = Console()
+        console.print(summary_table(outcome.summary, outcome.run_dir.name))
+        # on its own line, never wrapped: a path copied from a log must stay whole
+        console.print(f"results: {outcome.run_dir}", soft_wrap=True, highlight=False, markup=False)
+    code = EXIT_CODES.get(outcome.summary["status"], EXIT_OK)
+    if code != EXIT_OK:
+        raise typer.Exit(code)
 
 
 def _launch(ctx: typer.Context, config: RunConfig, nproc: int) -> int:
@@ -257,7 +279,8 @@ def compare(
 ) -> None:
     """Run the missing cells of a samplers × batch sizes × seeds grid (finished runs are
     skipped, interrupted ones resumed), then aggregate over seeds into results/NAME/:
-    table.csv, table.md and PNG plots."""
+    table.csv, table.md and PNG plots. Exit code 1 when a run failed (a diverged run is a result: 0),
+    2 bad input, 130 interrupted."""
     from negbench import api
 
     err = Console(stderr=True)
@@ -275,7 +298,11 @@ def compare(
     except api.Interrupted:
         err.print("compare: interrupted; rerun the same command to resume")
         raise typer.Exit(130) from None
-    err.print(f"comparison written to {result.folder}/")
+    err.print(f"comparison written to {result.folder}/", soft_wrap=True, highlight=False)
+    if result.failed:
+        err.print(f"compare: {len(result.failed)} of {len(result.runs)} runs failed ({', '.join(result.failed)}); "
+                  "exit code 1", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -416,7 +443,7 @@ def list_(
     """List the registered samplers and tasks with their parameters (--metrics: the metrics)."""
     if what not in ("samplers", "tasks", "metrics", "all"):
         raise UserError(f"`negbench list` takes samplers, tasks, metrics or all, got {what!r}")
-    _load_plugins(plugin)
+    _load_plugins(plugin, strict=False)  # list is where a broken plugin is shown, not an error
     console = Console()
     if metrics or what == "metrics":
         console.print(_metric_table())
@@ -439,17 +466,12 @@ def check(
         for path in plugins:  # a failure of an earlier load of the same file is not this one's
             SAMPLERS.failures.pop(path.name, None)
             TASKS.failures.pop(path.name, None)
-        _load_plugins(plugins)
-        broken = [p.name for p in plugins if p.name in SAMPLERS.failures]
-        for name in broken:
-            print(f"FAIL  plugin {name}  imports: {SAMPLERS.failures[name]}")
+        _load_plugins(plugins)  # one that fails to import: a one-line error, exit 2 (issue 17)
         samplers, tasks = [], []
         for path in plugins:
             mine = registered_by(path)
             samplers += mine[0]
             tasks += mine[1]
-        if broken:
-            raise typer.Exit(1)
         if not samplers and not tasks:
             raise UserError(f"{', '.join(map(str, plugins))} registers no sampler or task; decorate a class with "
                             "@register_sampler(\"name\") or @register_task(\"name\")")
@@ -508,13 +530,18 @@ def bench(
 
 def _rank_label() -> str:
     """``[rank r] `` in the processes of a multi-process run other than rank 0."""
-    from negbench import distributed
+    distributed = sys.modules.get("negbench.distributed")  # not loaded: a single process, and torch stays unloaded
+    return f"[rank {distributed.rank()}] " if distributed is not None and distributed.rank() > 0 else ""
 
-    return f"[rank {distributed.rank()}] " if distributed.rank() > 0 else ""
+
+#: a word of an error message longer than this is cut (a 100 KB --set value is not echoed whole)
+LONGEST_WORD = 120
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """``text`` on one line, each overlong word cut to its start and its length."""
+    words = [w if len(w) <= LONGEST_WORD else f"{w[:40]}… ({len(w)} characters)" for w in text.split()]
+    return " ".join(words)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -545,5 +572,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         print("negbench: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # an internal error: one line, the traceback kept (runner.run writes it)
+        if debug:
+            raise
+        log = getattr(exc, "negbench_log", None)
+        where = f" (traceback in {log}; --debug shows it)" if log else " (rerun with --debug for the traceback)"
+        text = getattr(exc, "negbench_message", None) or f"{type(exc).__name__}: {exc}"
+        print(f"negbench: error: {_rank_label()}{_one_line(text)}{where}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
     sys.exit(code if isinstance(code, int) else 0)

@@ -8,12 +8,13 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from negbench.errors import UserError, suggest
 from negbench.registry import SAMPLERS, TASKS
+
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZERS = ("sgd", "adam")
 INITS = ("random", "stationary")
@@ -118,7 +119,9 @@ def check_writable(folder: Path) -> None:
         raise UserError(f"output folder {str(folder)!r} is not writable; pass --out DIR with a writable folder")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> "torch.device":
+    import torch  # here, not at the top: validation errors come before torch is loaded
+
     if name not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():

@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from negbench.contract import check_now, check_range
 from negbench.sampler import Batch, Sampler, SamplerContext, join_candidates
 from negbench.task import resolve_free_views
 
@@ -101,7 +102,8 @@ def frozen_step(
     are looked up in ``views`` (a free view -1 drawn uniformly), stale extras taken as the
     sampler gives them. With ``probe_items`` (a bool
     per item), anchors of probe items get no probe-item candidate. Returns the batch (with
-    extras) and the sampler's weights."""
+    extras) and the sampler's weights (unchecked: :func:`negative_distribution` checks them
+    against the weight contract; the conformance suite has its own checks)."""
     m = views.shape[1]
     anchor_items = items.repeat_interleave(2)
     anchor_views = item_views.reshape(-1)
@@ -134,6 +136,7 @@ def negative_distribution(
     steps: int,
     anchors: Sequence[int],
     seed: int,
+    where: str = "in a sampling_tv probe",
 ) -> Tensor:
     """The sampler's accumulated negative distribution q_a at frozen embeddings, to compare
     with the exact softmax p_a(j, c) ∝ exp(β <e_a, e_jc>) over the views of every other item.
@@ -154,6 +157,10 @@ def negative_distribution(
         steps: the number of probe batches.
         anchors: the distinct probe item ids.
         seed: seeds the batches, the views and the sampler's generator.
+        where: how a weight-contract error names this measurement.
+
+    Every probe batch's W is checked against the weight contract (``where`` names the place in
+    the error).
 
     Returns:
         (m·P, m·N) with P = len(anchors): row ``m·k + a`` is anchor view (anchors[k], a),
@@ -168,7 +175,7 @@ def negative_distribution(
         torch.Size([4, 40])
     """
     return negative_distribution_counts(sampler, views, beta, batch_size=batch_size, steps=steps,
-                                        anchors=anchors, seed=seed)[0]
+                                        anchors=anchors, seed=seed, where=where)[0]
 
 
 def negative_distribution_counts(
@@ -180,6 +187,7 @@ def negative_distribution_counts(
     steps: int,
     anchors: Sequence[int],
     seed: int,
+    where: str = "in a sampling_tv probe",
 ) -> tuple[Tensor, Tensor]:
     """:func:`negative_distribution` and, per row, the number of probe batches in which it
     was an anchor: ``(q, appearances)``, shapes (m·P, m·N) and (m·P,)."""
@@ -212,6 +220,8 @@ def negative_distribution_counts(
         items = torch.cat([probe_ids, chosen]).to(device)
         item_views = draw_views(items.numel(), m, data_generator).to(device)
         batch, weights = frozen_step(probe_sampler, views, items, item_views, data_generator, is_probe_dev)
+        # a probe anchor may be left empty: extras a sampler drew are invalid when they are probe items
+        check_now(weights, batch, probe_sampler, where, allow_empty=True)
         probe_rows = is_probe_dev[batch.anchor_items]
         rows = torch.nonzero(probe_rows).squeeze(1)
         row_ids = torch.arange(num_probe, device=device).repeat_interleave(2) * m + batch.anchor_views[rows]
@@ -236,22 +246,25 @@ def sampling_tv(
     steps: int,
     anchors: Sequence[int],
     seed: int,
+    where: str = "in a sampling_tv probe",
 ) -> tuple[float, float]:
     """``(sampling_tv, sampling_tv_floor)``: the mean TV between the sampler's negative
     distribution and the exact one, and the same for i.i.d. exact draws with as many samples
     as the sampler drew negatives (:meth:`~negbench.sampler.Sampler.negatives_per_anchor`: 2·batch_size
     in-batch candidates by default, K for ``importance`` and ``neg_cache``, per probe batch in
     which the row was an anchor; 0 for a sampler whose weights are exact). Rows never anchored
-    are left out."""
+    are left out. Both are checked to lie in [0, 1] (:func:`negbench.contract.check_range`)."""
     q, appearances = negative_distribution_counts(
-        sampler, views, beta, batch_size=batch_size, steps=steps, anchors=anchors, seed=seed,
+        sampler, views, beta, batch_size=batch_size, steps=steps, anchors=anchors, seed=seed, where=where,
     )
     p = exact_negative_distribution(views, beta, anchors).to(q.device)
     seen = appearances > 0
     tv = float(total_variation(q[seen.to(q.device)], p[seen.to(p.device)]).mean())
     floor_generator = torch.Generator().manual_seed(seed + 2)
+    check_range("sampling_tv", tv)
     per_anchor = sampler.negatives_per_anchor(batch_size)
     if per_anchor is None:
         return tv, 0.0
     floor = iid_tv_floor(p[seen.to(p.device)], appearances[seen] * per_anchor, floor_generator)
+    check_range("sampling_tv_floor", floor)
     return tv, floor

@@ -16,7 +16,12 @@ non-finite value appends its name to ``point.bad``). The groups:
 - ``alignment``, ``uniformity`` (Wang & Isola, 2020) of the embeddings;
 - ``lp_acc``, ``knn1_acc``, ``knn10_acc`` of the probes on frozen features;
 - the sampler's diagnostics; cost: ``step_ms``, ``sampler_ms``, ``samples_per_s``,
-  ``peak_mem_bytes``, ``state_bytes``.
+  ``peak_mem_bytes``, ``state_bytes``;
+- ``no_negatives: true`` (only then) when no anchor of the window got any weight on a valid
+  negative: a run with nothing to learn says so in its row (issue 17).
+
+Every row is checked against the metrics' declared ranges (:func:`negbench.contract.check_row`)
+and the trainer's deferred weight-contract verdicts are read first.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import Tensor
 
 from negbench import distributed
 from negbench.config import derive_seed
+from negbench.contract import check_row
 from negbench.distribution import sampling_tv
 from negbench.gradsplit import gradient_split
 from negbench.metrics import alignment, peak_memory_bytes, probe_accuracies, uniformity
@@ -112,7 +118,8 @@ def negative_sampling_tv(point: EvalPoint) -> dict[str, Any]:
         return {"sampling_tv": None, "sampling_tv_floor": None}
     batch = max(1, min(t.batch_size, t.task.num_items - len(point.probe_anchors)))
     tv, floor = sampling_tv(t.sampler, point.embeddings, t.beta, batch_size=batch, steps=tv_steps,
-                            anchors=point.probe_anchors, seed=t.run.seeds.probe + t.step)
+                            anchors=point.probe_anchors, seed=t.run.seeds.probe + t.step,
+                            where=f"at step {t.step} (sampling_tv probe)")
     return {"sampling_tv": tv, "sampling_tv_floor": floor}
 
 
@@ -150,10 +157,15 @@ def cost(point: EvalPoint) -> dict[str, Any]:
     return {**row, "peak_mem_bytes": peak_memory_bytes(t.device), "state_bytes": t.sampler.state_bytes()}
 
 
+def negatives(point: EvalPoint) -> dict[str, Any]:
+    """``no_negatives: True`` when no anchor of the window got a negative (else nothing)."""
+    return {"no_negatives": True} if point.trainer.contract.window_empty() else {}
+
+
 #: the metric groups of a row, in column order (see the module docstring)
 METRIC_GROUPS: list[MetricGroup] = [
     progress, window_loss, exact_objective, gradient_bias_variance, negative_sampling_tv, geometry, probes,
-    sampler_diagnostics, cost,
+    sampler_diagnostics, cost, negatives,
 ]
 
 
@@ -191,6 +203,8 @@ class Evaluator:
         embeddings, ``gcl`` or the probe features are not finite, the metrics that need them
         are None and ``diverged_metric`` names the first such quantity."""
         t = self.trainer
+        t.at_step = t.step
+        t.contract.flush()  # a deferred weight-contract violation stops the run before its row
         distributed.check_replicas(t.params, t.sampler.state_dict())
         was_training = t.model.training
         t.model.eval()
@@ -198,6 +212,7 @@ class Evaluator:
         row: dict[str, Any] = {}
         for group in self.groups:
             row.update(group(point))
+        check_row(row)  # an impossible value (a TV above 1, ...) never reaches a table
         if point.bad:
             row["diverged_metric"] = point.bad[0]
         t.window = Window()

@@ -167,6 +167,7 @@ class Cell:
     error: str | None = None  # why it cannot run or why it failed
     ran: bool = False  # trained in this invocation (not skipped as finished)
     busy: bool = False  # left alone: another process holds its run folder (e.g. an overlapping grid)
+    crashed: bool = False  # its run raised in this invocation (not: the sampler cannot run on the task)
 
     @property
     def name(self) -> str:
@@ -292,6 +293,7 @@ def run_grid(cells: Sequence[Cell], console: Console, *, run_one: CellRunner = r
                     console.print(f"[yellow]{cell.name}: running in another negbench process, left to it[/yellow]")
                 elif result.get("error"):
                     cell.error = one_line(str(result["error"]))
+                    cell.crashed = True
                     console.print(f"[red]{cell.name} failed:[/red] {cell.error}")
                 else:
                     cell.ran = not result["skipped"]
@@ -308,6 +310,15 @@ def run_grid(cells: Sequence[Cell], console: Console, *, run_one: CellRunner = r
         progress.update(bar, description=f"{ran} trained, {len(cells) - ran - failed - busy} already finished, "
                                          f"{failed} failed" + (f", {busy} running elsewhere" if busy else ""))
     return True
+
+
+def failed_runs(records: Sequence[RunRecord], grid: Grid | None = None) -> list[str]:
+    """``label B=b seed s`` of every run that failed — raised in this invocation, or read back
+    with status failed — which makes ``negbench compare`` exit 1. A cell whose sampler cannot
+    run on the task is a failed row of the table, not a failed run."""
+    failed = {(r.label, r.batch_size, r.seed) for r in records if r.status == "failed" and r.run_dir is not None}
+    failed |= {(c.spec.label, c.batch_size, c.seed) for c in (grid.cells if grid else []) if c.crashed}
+    return [f"{label} B={b} seed {seed}" for label, b, seed in sorted(failed, key=str)]
 
 
 def collect_grid(grid: Grid, warn: Warn) -> list[RunRecord]:

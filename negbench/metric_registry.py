@@ -40,6 +40,9 @@ class Metric:
         summary: printed in ``negbench run``'s summary table.
         headline: a column of the comparison's headline table (``table.md``).
         plot_label: the axis label of its plot, if it has one.
+        low, high: the range its definition allows (inclusive; a total variation and an
+            accuracy are in [0, 1], uniformity is ≤ 0); a value outside is a bug, and
+            :func:`negbench.contract.check_range` stops the run before it reaches a table.
     """
 
     name: str
@@ -52,6 +55,8 @@ class Metric:
     summary: bool = False
     headline: bool = False
     plot_label: str = ""
+    low: float = -math.inf
+    high: float = math.inf
 
     @property
     def header(self) -> str:
@@ -70,42 +75,47 @@ class Metric:
 
 
 _FINITE = "finite-view tasks"
+_UNIT = {"low": 0.0, "high": 1.0}  # a fraction, a probability distance, an accuracy
+_NON_NEGATIVE = {"low": 0.0}
 _LABELLED = "labelled tasks"
 #: the metrics the framework computes (sampler diagnostics come from the samplers)
 FRAMEWORK_METRICS: tuple[Metric, ...] = (
     Metric("gcl", "F(θ): the exact global contrastive loss", label="gcl F(θ)", applies=_FINITE,
            group="objective", summary=True, plot_label="exact GCL F(θ)", headline=True),
     Metric("grad_norm_sq", "‖∇F(θ)‖²: the exact stationarity gap", label="‖∇F‖² final", applies=_FINITE,
-           group="objective", summary=True, plot_label="stationarity gap ‖∇F(θ)‖² (log scale)", headline=True),
+           group="objective", summary=True, plot_label="stationarity gap ‖∇F(θ)‖² (log scale)", headline=True,
+           **_NON_NEGATIVE),
     Metric("grad_norm_sq_avg", "mean stationarity gap over the evaluations of the second half of the run "
-           "(summary.json)", label="‖∇F‖² avg", applies=_FINITE, group="objective", headline=True),
+           "(summary.json)", label="‖∇F‖² avg", applies=_FINITE, group="objective", headline=True, **_NON_NEGATIVE),
     Metric("grad_norm_sq_min", "smallest stationarity gap of the run (summary.json)", applies=_FINITE,
-           group="objective"),
+           group="objective", **_NON_NEGATIVE),
     Metric("grad_norm_sq_run_avg", "mean stationarity gap over the evaluations at t < T: the run's average "
            "1/T Σ_t ‖∇F(θ_t)‖², what the convergence theorems bound (summary.json; negbench rate)",
-           label="‖∇F‖² run avg", applies=_FINITE, group="objective"),
+           label="‖∇F‖² run avg", applies=_FINITE, group="objective", **_NON_NEGATIVE),
     Metric("loss", "the surrogate ℓ averaged since the last row", group="objective", summary=True),
     Metric("grad_error_sq", "mean ‖ĝ_t − ∇F(θ_t)‖² of the sampler's gradient since the last row",
-           applies="finite-view tasks with --grad-error", group="objective"),
+           applies="finite-view tasks with --grad-error", group="objective", **_NON_NEGATIVE),
+    # unbiased with the finite-R correction, so an estimate may fall below 0: no range declared
     Metric("grad_bias_sq", "‖ḡ − ∇F‖² − grad_var/R from R sampler gradient estimates at θ: unbiased for the "
            "squared bias ‖Eĝ − ∇F‖²", label="grad bias²", applies="finite-view tasks with --grad-split", group="objective"),
     Metric("grad_var", "1/(R−1) Σ_r ‖ĝ_r − ḡ‖² from R sampler gradient estimates at θ: the variance tr Σ",
-           label="grad var", applies="finite-view tasks with --grad-split", group="objective"),
+           label="grad var", applies="finite-view tasks with --grad-split", group="objective", **_NON_NEGATIVE),
     Metric("sampling_tv", "mean total variation between the sampler's negative distribution and the exact "
-           "softmax, at frozen θ", label="sampling TV", applies=_FINITE, group="objective", summary=True, headline=True),
+           "softmax, at frozen θ", label="sampling TV", applies=_FINITE, group="objective", summary=True, headline=True,
+           **_UNIT),
     Metric("sampling_tv_floor", "the same TV for i.i.d. exact draws of as many samples as the sampler draws "
            "negatives per anchor: the noise floor",
-           label="TV floor", applies=_FINITE, group="objective", summary=True, headline=True),
+           label="TV floor", applies=_FINITE, group="objective", summary=True, headline=True, **_UNIT),
     Metric("alignment", "mean ‖e − e⁺‖² over positive pairs (Wang & Isola, 2020)", group="representation",
-           summary=True),
+           summary=True, low=0.0, high=4.0),  # unit vectors: ‖e − e⁺‖² ≤ 4
     Metric("uniformity", "log mean exp(−2‖e − e′‖²) over pairs (Wang & Isola, 2020); near 0: collapse",
-           group="representation", summary=True, headline=True),
+           group="representation", summary=True, headline=True, high=0.0),  # log of a mean of values ≤ 1
     Metric("lp_acc", "linear-probe test accuracy on frozen features", better="higher", applies=_LABELLED,
-           group="representation", summary=True, plot_label="linear-probe test accuracy", headline=True),
+           group="representation", summary=True, plot_label="linear-probe test accuracy", headline=True, **_UNIT),
     Metric("knn1_acc", "1-NN (cosine) test accuracy on frozen features", better="higher", applies=_LABELLED,
-           group="representation", summary=True, plot_label="1-NN test accuracy"),
+           group="representation", summary=True, plot_label="1-NN test accuracy", **_UNIT),
     Metric("knn10_acc", "10-NN (cosine) test accuracy on frozen features", better="higher", applies=_LABELLED,
-           group="representation", summary=True, plot_label="10-NN test accuracy", headline=True),
+           group="representation", summary=True, plot_label="10-NN test accuracy", headline=True, **_UNIT),
     Metric("step_ms", "median step time (ms)", label="step ms", group="cost", summary=True, headline=True),
     Metric("sampler_ms", "median time inside the sampler per step (ms)", group="cost", summary=True,
            plot_label="time in sampler (ms/step)"),

@@ -16,6 +16,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from negbench.contract import check_range
+
 #: The fixed evaluation protocol, recorded in every config.json. Never tuned on the test split.
 PROBE_PROTOCOL = {
     "features": "frozen encoder features (the layer before the projection head), clean inputs",
@@ -30,7 +32,9 @@ def alignment(views: Tensor) -> float:
     n, m, _ = views.shape
     diffs = views[:, :, None, :] - views[:, None, :, :]
     sq = diffs.pow(2).sum(-1)
-    return float(sq.sum() / (n * m * (m - 1)))
+    value = float(sq.sum() / (n * m * (m - 1)))
+    check_range("alignment", value)  # in [0, 4] for unit vectors
+    return value
 
 
 def uniformity(views: Tensor, chunk_size: int = 2048) -> float:
@@ -44,7 +48,9 @@ def uniformity(views: Tensor, chunk_size: int = 2048) -> float:
         logits = (-2.0 * sq).masked_fill(item[start : start + chunk_size, None] == item[None, :], float("-inf"))
         total = torch.logaddexp(total, logits.logsumexp(dim=(0, 1)))
     num_pairs = n * m * (n - 1) * m
-    return float(total) - math.log(num_pairs)
+    value = float(total) - math.log(num_pairs)
+    check_range("uniformity", value)  # log of a mean of numbers <= 1
+    return value
 
 
 def probe_accuracies(
@@ -66,6 +72,8 @@ def probe_accuracies(
         knn = KNeighborsClassifier(n_neighbors=min(k, len(y_train)), metric="cosine")
         knn.fit(x_train, y_train)
         scores[f"knn{k}_acc"] = float(knn.score(x_test, y_test))
+    for name, value in scores.items():
+        check_range(name, value)
     return scores
 
 

@@ -13,6 +13,7 @@ canvas (no pyplot, no global backend switch), returned as PNG bytes for atomic w
 from __future__ import annotations
 
 import math
+import warnings
 from io import BytesIO
 from typing import Sequence
 
@@ -203,7 +204,23 @@ def bar_figure(table: pd.DataFrame, panels: Sequence[tuple[str, str, float]], *,
 
 
 def make_plots(table: pd.DataFrame, curves: pd.DataFrame, *, title: str, device: str | None = None) -> dict[str, bytes]:
-    """Every plot the data supports, by file name (in :data:`PLOT_FILES`)."""
+    """Every plot the data supports, by file name (in :data:`PLOT_FILES`).
+    Characters the installed fonts lack (a CJK ``--name``) are drawn as boxes with one warning,
+    not matplotlib's one per glyph and figure."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figures = _figures(table, curves, title=title, device=device)
+    missing = [w for w in caught if "missing from font" in str(w.message)]
+    for w in caught:
+        if w not in missing:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        warnings.warn(f"the plot titles use {len({str(w.message).split(' (')[0] for w in missing})} characters the "
+                      "installed fonts lack; they are drawn as boxes", UserWarning, stacklevel=2)
+    return figures
+
+
+def _figures(table: pd.DataFrame, curves: pd.DataFrame, *, title: str, device: str | None) -> dict[str, bytes]:
     labels = list(dict.fromkeys(table["sampler"]))
     colours = _colours(labels)
     cells = table.drop_duplicates(["task", "batch_size"])

@@ -4,12 +4,22 @@ Built-ins are every module of ``negbench.samplers`` / ``negbench.tasks`` (adding
 file); third-party components come through the entry-point groups ``negbench.samplers`` and
 ``negbench.tasks``, or ``--plugin path.py``. A module that fails to import is recorded with its
 error and listed as broken; it never breaks the others.
+
+Trust (issue 17). A plugin (``--plugin`` file or entry point) that fails to import is an
+error for the commands that use components (``run``, ``compare``, ``bench``): one line naming
+the file, the line and the exception (:func:`plugin_errors`); ``list`` shows it instead.
+Registering a name (or alias) that is taken — by a built-in or another plugin — raises
+:class:`RegistrationError` naming both places, unless the decorator is given
+``override=True``, which replaces the component and is recorded in ``Registry.overrides``
+(``negbench list`` shows it). Re-running the same module (the same plugin file loaded twice in
+one process) replaces its own classes silently.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 import sys
 import traceback
@@ -27,6 +37,33 @@ def _one_line_error(exc: BaseException) -> str:
     return traceback.format_exception_only(type(exc), exc)[-1].strip()
 
 
+class RegistrationError(UserError):
+    """A component registered under a name (or alias) that another one already has."""
+
+
+def _where(cls: type) -> str:
+    """``module.Class (file line N)`` of a registered class, as far as it can be found."""
+    origin = getattr(cls, "_registered_at", None)
+    if origin is None:
+        try:
+            origin = f"{inspect.getsourcefile(cls)} line {inspect.getsourcelines(cls)[1]}"
+        except (OSError, TypeError):
+            origin = "unknown file"
+    return f"{cls.__module__}.{cls.__qualname__} ({origin})"
+
+
+def _plugin_line(exc: BaseException, path: Path) -> int | None:
+    """The line of ``path`` where ``exc`` arose: a syntax error's line, or the innermost
+    traceback frame in that file."""
+    if isinstance(exc, SyntaxError) and exc.filename and Path(exc.filename) == path:
+        return exc.lineno
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename) == path:
+            line = frame.lineno
+    return line
+
+
 class Registry(Generic[T]):
     """Name → class, with aliases, lazy discovery of built-ins and plugins, and import errors."""
 
@@ -37,15 +74,35 @@ class Registry(Generic[T]):
         self._classes: dict[str, type[T]] = {}
         self._aliases: dict[str, str] = {}
         self.failures: dict[str, str] = {}
+        #: label → the one-line error of a plugin (file or entry point) that failed to import
+        self.plugin_failures: dict[str, str] = {}
+        #: name → the place of the component an ``override=True`` registration replaced
+        self.overrides: dict[str, str] = {}
         self._discovered = False
 
-    def register(self, name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type[T]], type[T]]:
+    def register(self, name: str, *, aliases: tuple[str, ...] = (),
+                 override: bool = False) -> Callable[[type[T]], type[T]]:
+        """Class decorator registering ``cls`` as ``name`` (and ``aliases``). A name that is
+        taken raises :class:`RegistrationError` naming both places, unless ``override``."""
+        caller = sys._getframe(1)  # where the decorator is written (outside this file), for errors
+        while caller.f_back is not None and caller.f_code.co_filename == __file__:
+            caller = caller.f_back
+        here = f"{Path(caller.f_code.co_filename).name} line {caller.f_lineno}"
+
         def decorator(cls: type[T]) -> type[T]:
             for key in (name, *aliases):
                 owner = self._classes.get(key) or self._classes.get(self._aliases.get(key, ""))
-                if owner is not None and owner.__qualname__ != cls.__qualname__:
-                    raise ValueError(f"{self.kind} name {key!r} is already registered by {owner!r}")
-            setattr(cls, "name", name)  # T is any registered class: set without a typed attribute
+                same = owner is not None and (owner.__module__, owner.__qualname__) == (cls.__module__, cls.__qualname__)
+                if owner is None or same:
+                    continue
+                if not override:
+                    raise RegistrationError(
+                        f"{self.kind} {key!r} is already registered by {_where(owner)}; {here} registers it "
+                        f"again; choose another name, or pass override=True to replace it"
+                    )
+                self.overrides[key] = _where(owner)
+            setattr(cls, "_registered_at", here)  # T is any registered class: set without a typed attribute
+            setattr(cls, "name", name)
             setattr(cls, "aliases", tuple(aliases))
             self._classes[name] = cls
             for alias in aliases:
@@ -66,10 +123,15 @@ class Registry(Generic[T]):
         for entry in entry_points(group=self.group):
             try:
                 loaded = entry.load()
-                if isinstance(loaded, type) and loaded.__name__ not in self._classes:
+                if isinstance(loaded, type) and getattr(loaded, "name", None) != entry.name:
                     self.register(entry.name)(loaded)
             except Exception as exc:  # a broken plugin must not break the others
-                self.failures[entry.name] = _one_line_error(exc)
+                error = str(exc) if isinstance(exc, RegistrationError) else _one_line_error(exc)
+                self.failures[entry.name] = error
+                self.plugin_failures[entry.name] = (
+                    f"entry point {entry.name!r} ({entry.value}, group {self.group}) failed to import: {error}; "
+                    "fix or uninstall the package that provides it"
+                )
 
     def _import(self, module: str, label: str) -> None:
         try:
@@ -77,9 +139,10 @@ class Registry(Generic[T]):
         except Exception as exc:
             self.failures[label] = _one_line_error(exc)
 
-    def load_plugin(self, path: str | Path) -> None:
-        """Import a plugin file whose ``@register_*`` decorators add components."""
-        path = Path(path)
+    def load_plugin(self, path: str | Path) -> str | None:
+        """Import a plugin file whose ``@register_*`` decorators add components; returns the
+        one-line error when it fails (also recorded in ``failures``), else None."""
+        path = Path(path).resolve() if Path(path).is_file() else Path(path)
         if not path.is_file():
             raise UserError(f"plugin file {str(path)!r} does not exist; pass --plugin PATH.py")
         name = plugin_module_name(path)
@@ -92,7 +155,17 @@ class Registry(Generic[T]):
             spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(name, None)
-            self.failures[path.name] = _one_line_error(exc)
+            if isinstance(exc, RegistrationError):
+                error = str(exc)
+            else:
+                line = _plugin_line(exc, path)
+                error = f"plugin {path.name}{f' line {line}' if line else ''}: {_one_line_error(exc)}"
+            self.failures[path.name] = error
+            self.plugin_failures[path.name] = error
+            return error
+        self.failures.pop(path.name, None)
+        self.plugin_failures.pop(path.name, None)
+        return None
 
     def canonical(self, name: str) -> str:
         self.discover()
@@ -122,14 +195,16 @@ SAMPLERS: Registry[Any] = Registry("sampler", "negbench.samplers", "negbench.sam
 TASKS: Registry[Any] = Registry("task", "negbench.tasks", "negbench.tasks")
 
 
-def register_sampler(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type[T]], type[T]]:
-    """Class decorator: ``@register_sampler("emc2")`` makes the sampler available by name."""
-    return SAMPLERS.register(name, aliases=aliases)
+def register_sampler(name: str, *, aliases: tuple[str, ...] = (), override: bool = False) -> Callable[[type[T]], type[T]]:
+    """Class decorator: ``@register_sampler("emc2")`` makes the sampler available by name. A
+    name already taken is a :class:`RegistrationError` unless ``override=True``."""
+    return SAMPLERS.register(name, aliases=aliases, override=override)
 
 
-def register_task(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type[T]], type[T]]:
-    """Class decorator: ``@register_task("digits")`` makes the task available by name."""
-    return TASKS.register(name, aliases=aliases)
+def register_task(name: str, *, aliases: tuple[str, ...] = (), override: bool = False) -> Callable[[type[T]], type[T]]:
+    """Class decorator: ``@register_task("digits")`` makes the task available by name. A
+    name already taken is a :class:`RegistrationError` unless ``override=True``."""
+    return TASKS.register(name, aliases=aliases, override=override)
 
 
 def get_sampler(name: str, **params: Any) -> Any:
@@ -183,12 +258,29 @@ def registered_by(path: str | Path) -> tuple[list[str], list[str]]:
     return mine(SAMPLERS), mine(TASKS)
 
 
-def load_plugin(path: str | Path) -> None:
-    """Import a file that registers samplers and/or tasks; its import error is recorded."""
+def load_plugin(path: str | Path, *, strict: bool = True) -> None:
+    """Import a file that registers samplers and/or tasks. Its import error is recorded (and
+    listed by ``negbench list``); with ``strict`` (the default, and what ``run``, ``compare``
+    and ``bench`` use) it is also raised as a one-line :class:`UserError` naming the file, the
+    line and the exception."""
     SAMPLERS.discover()
     TASKS.discover()
-    before = set(SAMPLERS.failures)
-    SAMPLERS.load_plugin(path)
-    new = set(SAMPLERS.failures) - before
-    for key in new:  # one record is enough; show it under tasks too
-        TASKS.failures[key] = SAMPLERS.failures[key]
+    error = SAMPLERS.load_plugin(path)
+    label = Path(path).name
+    if error is None:
+        TASKS.failures.pop(label, None)
+        TASKS.plugin_failures.pop(label, None)
+        return
+    TASKS.failures[label] = SAMPLERS.failures[label]  # one record is enough; show it under tasks too
+    if strict:
+        raise UserError(f"{error}; fix the file or leave out --plugin {path}")
+
+
+def plugin_errors() -> None:
+    """Raise a one-line :class:`UserError` for the first plugin entry point that failed to
+    import (``--plugin`` files raise in :func:`load_plugin`)."""
+    for registry in (SAMPLERS, TASKS):
+        registry.discover()
+        for label, error in registry.plugin_failures.items():
+            if not label.endswith(".py"):
+                raise UserError(error)

@@ -209,6 +209,7 @@ def resolve(config: RunConfig, task: Task, sampler: Sampler, device: torch.devic
     if config.batch_size > n:
         raise UserError(f"--batch-size {config.batch_size} is larger than the data set ({n} items); use at most {n}")
     sampler.check_task(n, task.num_views)  # e.g. emc2 chain=view on random augmentations
+    sampler.check_batch_size(config.batch_size)  # B = 1 leaves in-batch samplers no negative at all
     if config.epochs is not None:
         steps = max(1, math.ceil(config.epochs * n / config.batch_size))
     else:

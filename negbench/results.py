@@ -1,7 +1,14 @@
 """The run folder (docs/design.md §6): ``config.json``, ``metrics.jsonl``, ``summary.json`` and a
 checkpoint, every file a reader may see written atomically (temporary file, then rename); and
 reading run folders back (:class:`RunRecord`, :func:`read_run`, :func:`collect_dirs`) for
-``negbench compare``: a folder that cannot be read is skipped with one warning line."""
+``negbench compare``: a folder that cannot be read is skipped with one warning line. All files get the mode the umask gives a new file (a temporary file is created
+0600: it is widened).
+
+Verification (issue 17). ``summary.json`` records how many metric rows the run wrote
+(``rows``), the step of the last one (``last_step``) and :func:`rows_digest`, a SHA-256 of the
+rows; :func:`verify_rows` compares a folder's ``metrics.jsonl`` with them, so a damaged run is
+never skipped as finished nor read into a comparison. A checkpoint records the digest of the
+rows it covers, so a resume never continues from rows that changed."""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+ERROR_LOG = "error.log"
 STATUSES = ("completed", "diverged", "interrupted", "failed")
 #: row keys that count progress, not metrics
 _NOT_METRICS = frozenset({"step", "epoch", "samples_seen"})
@@ -34,6 +42,13 @@ Warn = Callable[[str], None]
 def one_line(text: str) -> str:
     """``text`` with every run of whitespace (newlines too) made one space."""
     return " ".join(str(text).split())
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _json_default(value: Any) -> Any:
@@ -71,6 +86,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -145,6 +161,38 @@ def rewrite_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """SHA-256 of metric rows as JSON (keys sorted, non-finite numbers as null): the same for
+    the rows a run holds in memory and the rows read back from its ``metrics.jsonl``."""
+    digest = hashlib.sha256()
+    for row in rows:
+        line = json.dumps({k: clean_number(v) for k, v in row.items()}, sort_keys=True, default=_json_default)
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def row_record(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a summary records of its rows: count, last step, digest."""
+    return {"rows": len(rows), "last_step": rows[-1].get("step") if rows else None, "rows_digest": rows_digest(rows)}
+
+
+def verify_rows(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str | None:
+    """Why the rows read from ``metrics.jsonl`` do not match ``summary``'s record of them, or
+    None when they do. Summaries written before the record existed are checked on the last
+    step only."""
+    last = rows[-1].get("step") if rows else None
+    if "rows" not in summary:
+        done = summary.get("steps_done")
+        return None if last == done else f"{METRICS} ends at step {last} but {SUMMARY} reports step {done}"
+    if len(rows) != summary["rows"]:
+        return f"{METRICS} has {len(rows)} rows but {SUMMARY} records {summary['rows']}"
+    if last != summary.get("last_step"):
+        return f"{METRICS} ends at step {last} but {SUMMARY} records step {summary.get('last_step')}"
+    if rows_digest(rows) != summary.get("rows_digest"):
+        return f"{METRICS} does not match the rows_digest in {SUMMARY} (a row was changed)"
+    return None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``, or a one-line :class:`UserError` if it is corrupt."""
     try:
@@ -202,9 +250,10 @@ def read_run(run_dir: Path, warn: Warn) -> tuple[dict[str, Any], dict[str, Any],
     if not isinstance(summary.get("final"), dict) or "status" not in summary:
         skip(f"{SUMMARY} has no status or final values")
         return None
-    last = max((r.get("step", -1) for r in rows), default=-1)
-    if summary["status"] in ("completed", "diverged") and last != summary.get("steps_done"):
-        skip(f"{METRICS} ends at step {last} but {SUMMARY} reports step {summary.get('steps_done')} (truncated)")
+    # the rows must be the ones the summary recorded: count, last step, digest (issue 17)
+    why = verify_rows(rows, summary) if "rows" in summary or summary["status"] in ("completed", "diverged") else None
+    if why is not None:
+        skip(why)
         return None
     return config, summary, rows
 

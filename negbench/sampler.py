@@ -165,6 +165,16 @@ class Sampler(Configurable):
     #: each row of W sums to 1 (0 for an anchor without candidates); False for reweighting
     #: estimators (e.g. sogclr) whose rows sum to a random positive number
     normalised_weights: ClassVar[bool] = True
+    #: W may have negative entries (debiased estimators, e.g. dcl/hcl, weigh the positive
+    #: negatively); without it a negative weight breaks the weight contract (negbench.contract)
+    signed_weights: ClassVar[bool] = False
+    #: a row of W may be all zero although its anchor has candidates: the anchor got no
+    #: negative this step (emc2 with stale=drop); without it such a row breaks the contract
+    empty_rows: ClassVar[bool] = False
+    #: the smallest batch B with which an anchor can get a negative at all: 2 for samplers that
+    #: weigh only the in-batch candidates (at B = 1 an anchor's only candidates are its own
+    #: views); 1 for those that draw extra candidates
+    min_batch_size: ClassVar[int] = 1
     #: names of the tensor attributes that make up the per-item state (saved, counted)
     state_attributes: ClassVar[tuple[str, ...]] = ()
     #: names of the attributes :meth:`diagnostics` accumulates between two calls (tensors or
@@ -198,6 +208,17 @@ class Sampler(Configurable):
         from negbench.resolution import check_finite_views  # the one finite-view rule
 
         check_finite_views(self, num_views is not None)
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise :class:`~negbench.errors.UserError` when a batch of ``batch_size`` items would
+        leave every anchor without a negative (below ``min_batch_size``). The runner calls it
+        before anything is written."""
+        if batch_size < self.min_batch_size:
+            raise UserError(
+                f"sampler {self.name!r} needs --batch-size >= {self.min_batch_size}: with {batch_size} item(s) per "
+                "step no anchor has an in-batch negative (its only candidates are views of its own item) and "
+                f"nothing is learnt; use --batch-size {self.min_batch_size} or more"
+            )
 
     def check_view_mode(self, param: str, num_views: int | None) -> None:
         """For a parameter taking ``auto|view|item`` (per-view or per-item state): ``view``

@@ -15,6 +15,15 @@ sampler states, where it marks entries not set yet), or a metric row whose ``gcl
 or probe features are, stops the run at that step as ``diverged``: ``reason`` names the
 quantity and the step, the rows so far are kept, and a last row carries ``diverged_metric``.
 
+Trust (issue 17). A parameter or gradient norm past ``BLOW_UP`` times its initial value
+(:meth:`Trainer.blow_up`) is a divergence too, though nothing is NaN yet (normalised embeddings
+hide an exploding θ). A weight-contract violation or a metric outside its declared range ends
+the run as ``failed``; a failed run keeps its traceback in ``error.log``. A finished run is
+skipped only when its ``metrics.jsonl`` matches the record in its summary
+(:func:`negbench.results.verify_rows`); a damaged one is resumed from a checkpoint whose rows
+are intact, or its files are moved aside to ``<run-id>.damaged-N`` and the run starts again. A
+checkpoint whose rows changed is never resumed. A finished run removes its ``.lock``.
+
 Step hooks: :func:`after_each_step` installs a callable run with the step number once the
 step is done and its metric row and checkpoint are written (how the tests kill a run at a
 chosen step, see ``tests/faults.py``).
@@ -25,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,13 +47,14 @@ from torch import Tensor
 
 from negbench import distributed, metric_registry, warmstart
 from negbench.config import RunConfig
+from negbench.contract import MetricRangeError, WeightContractError
 from negbench.errors import UserError
 from negbench.evaluation import Evaluator
 from negbench.lock import LeaseLock, LockBusy
 from negbench.resolution import Prepared, prepare
 from negbench.results import (
-    CHECKPOINT, CONFIG, METRICS, SUMMARY, append_row, atomic_torch_save, atomic_write_json, read_json, read_rows,
-    rewrite_rows,
+    CHECKPOINT, CONFIG, ERROR_LOG, METRICS, SUMMARY, append_row, atomic_torch_save, atomic_write_bytes,
+    atomic_write_json, read_json, read_rows, rewrite_rows, row_record, rows_digest, verify_rows,
 )
 from negbench.sampler import Sampler
 from negbench.training import Trainer
@@ -170,6 +181,7 @@ def summarise(rows: list[dict[str, Any]], steps: int, status: str, reason: str |
         "grad_norm_sq_avg": sum(second_half) / len(second_half) if second_half else None,
         "grad_norm_sq_min": min((g for _, g in gaps), default=None),
         "grad_norm_sq_run_avg": sum(before_end) / len(before_end) if before_end else None,
+        **row_record(rows),  # what a rerun checks metrics.jsonl against before it skips the run
     }
 
 
@@ -195,6 +207,50 @@ def finished_summary(summary_path: Path) -> dict[str, Any] | None:
     """The summary of a completed or diverged run (nothing left to do), else None."""
     previous = read_json(summary_path) if summary_path.exists() else None
     return previous if previous is not None and previous.get("status") in ("completed", "diverged") else None
+
+
+def damage(run_dir: Path, summary: dict[str, Any]) -> str | None:
+    """Why a finished run's ``metrics.jsonl`` does not match its summary, or None."""
+    try:
+        rows = read_rows(run_dir / METRICS, strict=True)
+    except UserError as exc:
+        return str(exc).split(";")[0]
+    return verify_rows(rows, summary)
+
+
+def rows_match(state: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
+    """Whether ``metrics.jsonl`` still holds the rows a checkpoint covers."""
+    covered = state["rows"]
+    return len(rows) >= covered and ("rows_digest" not in state or rows_digest(rows[:covered]) == state["rows_digest"])
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Move the files of a damaged run folder (all but the lock, which the caller holds) into a
+    new sibling ``<run-id>.damaged-N``; returns it. Nothing is deleted."""
+    number = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.damaged-{number}")).exists():
+        number += 1
+    aside.mkdir()
+    for path in run_dir.iterdir():
+        if path.name != ".lock":
+            path.rename(aside / path.name)
+    return aside
+
+
+def repair(run_dir: Path, why: str, console: Console) -> None:
+    """A damaged finished run (the caller holds its lock): resume from its checkpoint when that
+    checkpoint's rows are intact, else move its files aside to run the configuration again."""
+    checkpoint = run_dir / CHECKPOINT
+    with contextlib.suppress(Exception):
+        if checkpoint.exists() and rows_match(torch.load(checkpoint, map_location="cpu", weights_only=False),
+                                              read_rows(run_dir / METRICS)):
+            (run_dir / SUMMARY).unlink(missing_ok=True)
+            console.print(f"[yellow]warning:[/yellow] {run_dir.name}: {why}; resuming from its checkpoint",
+                          soft_wrap=True, highlight=False)
+            return
+    aside = move_aside(run_dir)
+    console.print(f"[yellow]warning:[/yellow] {run_dir.name}: {why}; moved the damaged folder to {aside} and "
+                  "running it again", soft_wrap=True, highlight=False)
 
 
 class Session:
@@ -223,6 +279,13 @@ class Session:
         state = distributed.from_main(
             lambda: torch.load(checkpoint_path, map_location="cpu", weights_only=False) if checkpoint_path.exists() else None
         )
+        if state is not None and not distributed.from_main(lambda: rows_match(state, read_rows(metrics_path))):
+            if self.main:  # the rows it covers changed or are gone: a resume would skip them
+                aside = move_aside(run_dir)
+                self.console.print(f"[yellow]warning:[/yellow] {rid}: {METRICS} does not hold the rows its checkpoint "
+                                   f"covers; moved the folder to {aside} and starting again", soft_wrap=True,
+                                   highlight=False)
+            state = None
         if state is not None:
             self.trainer.load_checkpoint(state)
             self.rows = distributed.from_main(lambda: read_rows(metrics_path))[: state["rows"]]
@@ -233,6 +296,7 @@ class Session:
             metrics_path.unlink(missing_ok=True)
         if self.main:
             (run_dir / SUMMARY).unlink(missing_ok=True)
+            (run_dir / ERROR_LOG).unlink(missing_ok=True)  # the traceback of an earlier failed attempt
             atomic_write_json(run_dir / CONFIG, self.prep.resolved)
         self.trainer.start_step = self.trainer.step
         if state is None:
@@ -250,7 +314,8 @@ class Session:
 
     def save_checkpoint(self) -> None:
         if self.main:
-            atomic_torch_save(self.run_dir / CHECKPOINT, {**self.trainer.checkpoint_state(), "rows": len(self.rows)})
+            atomic_torch_save(self.run_dir / CHECKPOINT, {**self.trainer.checkpoint_state(), "rows": len(self.rows),
+                                                          "rows_digest": rows_digest(self.rows)})
 
     def record(self, row: dict[str, Any]) -> None:
         """Append a metric row (and checkpoint, with the default schedule)."""
@@ -267,8 +332,11 @@ class Session:
         return row.get("diverged_metric")
 
     def finish(self, status: str, reason: str | None) -> dict[str, Any]:
-        """Write ``summary.json`` (and drop the checkpoint of a run that has ended)."""
+        """Write ``summary.json`` (and drop the checkpoint of a run that has ended; a failed
+        run's traceback, in an ``except`` block, goes to ``error.log``)."""
         summary = summarise(self.rows, self.prep.steps, status, reason, self.trainer.step)
+        if self.main and status == "failed":
+            atomic_write_bytes(self.run_dir / ERROR_LOG, traceback.format_exc().encode())
         if self.main:
             atomic_write_json(self.run_dir / SUMMARY, summary)
             if status in ("completed", "diverged"):
@@ -284,6 +352,7 @@ class Session:
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=self.console, disable=not self.show_progress, transient=False,
         )
+        blown: str | None = None  # the reason of a norm past BLOW_UP
         with stop_on_signals() as flag, progress:
             bar = progress.add_task(prep.sampler.name, total=prep.steps, completed=trainer.step, info="")
             bad = self.evaluate_and_record() if not self.rows else None
@@ -293,7 +362,11 @@ class Session:
                     return "interrupted", f"stopped by a signal at step {trainer.step}; rerun the same command to resume"
                 loss = trainer.train_step()
                 progress.update(bar, advance=1, info=f"loss {loss:.4g}")
+                if not math.isfinite(loss):
+                    trainer.contract.flush()  # bad weights are a failure, not a divergence
                 bad = diverged_quantity(trainer, loss)
+                if bad is None and (why := trainer.blow_up()) is not None:
+                    bad, blown = why.split(" grew")[0], why
                 if bad is not None:  # a row that names it; the rows before are kept
                     row = {"step": trainer.step, "loss": None, "diverged_metric": bad}
                     self.rows.append(row)
@@ -308,8 +381,9 @@ class Session:
                     self.save_checkpoint()
                 for hook in list(_STEP_HOOKS):
                     hook(trainer.step)
+        trainer.contract.flush()
         if bad is not None:
-            return "diverged", f"{bad} became non-finite at step {trainer.step}"
+            return "diverged", blown or f"{bad} became non-finite at step {trainer.step}"
         return "completed", None
 
 
@@ -348,20 +422,28 @@ def run(
     main = distributed.is_main()  # with several processes only rank 0 prints and writes files
     if not main:
         console, show_progress = Console(stderr=True, quiet=True), False
-    summary_path = prep.run_dir / SUMMARY
+    run_dir = prep.run_dir
+    summary_path = run_dir / SUMMARY
 
-    def skipped() -> RunOutcome | None:
+    def skipped(locked: bool) -> RunOutcome | None:
+        """The outcome of a finished run whose rows check out; a damaged one is repaired
+        (under the lock) and None returned, so that it runs."""
         previous = distributed.from_main(lambda: finished_summary(summary_path))
         if previous is None:
             return None
-        console.print(f"[dim]{prep.run.run_id}: already {previous['status']}, skipped[/dim]")
-        return RunOutcome(prep.run_dir, previous, skipped=True)
+        why = distributed.from_main(lambda: damage(run_dir, previous))
+        if why is None:
+            console.print(f"[dim]{prep.run.run_id}: already {previous['status']}, skipped[/dim]")
+            return RunOutcome(run_dir, previous, skipped=True)
+        if locked and main:
+            repair(run_dir, why, console)
+        return None
 
-    outcome = skipped()
+    outcome = skipped(locked=False)
     if outcome is not None:
         return outcome
-    with folder_lock(prep.run_dir) if main else contextlib.nullcontext():
-        outcome = skipped()  # another process may have finished it between the check and the lock
+    with folder_lock(run_dir) if main else contextlib.nullcontext():
+        outcome = skipped(locked=True)  # another process may have finished it between the check and the lock
         if outcome is not None:
             return outcome
         session = Session(prep, console, show_progress)
@@ -371,7 +453,12 @@ def run(
         except UserError:
             raise
         except Exception as exc:
-            session.finish("failed", f"{type(exc).__name__}: {exc}")
+            contract = isinstance(exc, (WeightContractError, MetricRangeError))
+            reason = str(exc) if contract else f"{type(exc).__name__}: {exc}"
+            session.finish("failed", reason)
+            # what the command line prints on its one line (exit code 1)
+            setattr(exc, "negbench_log", run_dir / ERROR_LOG)
+            setattr(exc, "negbench_message", f"run {prep.run.run_id} failed at step {session.trainer.at_step}: {reason}")
             raise
         summary = session.finish(status, reason)
-    return RunOutcome(prep.run_dir, summary)
+    return RunOutcome(run_dir, summary)

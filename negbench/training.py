@@ -12,6 +12,10 @@ candidates from the detached similarities; the surrogate
 is back-propagated, the optimiser steps, and the sampler refreshes its caches. The loss and
 the time of the step and of the sampler accumulate in a :class:`Window` until the next metric
 row (:mod:`negbench.evaluation`).
+
+Trust (issue 17): every W is checked against the weight contract (:mod:`negbench.contract`)
+before the loss uses it, and :meth:`Trainer.blow_up` tells the session when ‖θ‖ or ‖∇‖ grew
+past ``BLOW_UP`` times its initial value.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import Tensor
 
 from negbench import distributed
 from negbench.config import RunConfig, derive_seed, resolve_device
+from negbench.contract import WeightContract
 from negbench.distribution import draw_views
 from negbench.encoders import full_precision
 from negbench.objective import exact_gradient
@@ -41,6 +46,11 @@ WARMUP_STEPS = 5
 EXTRA_CHUNK = 4096
 #: rows per encoder call when every view is encoded (exact metrics, probe features)
 EXACT_CHUNK = 1024
+#: a run whose parameter norm or gradient norm exceeds this multiple of its initial value is
+#: diverged. Healthy training changes ‖θ‖ by a small factor (10× is already a lot); at 10⁶× a
+#: step of the initial parameters' scale is below float32's resolution (2⁻²³ ≈ 1.2·10⁻⁷) of the
+#: grown ones, so training has stopped in all but name, while every value is still finite.
+BLOW_UP = 1e6
 
 
 @dataclass
@@ -103,6 +113,11 @@ class Trainer:
         self.window = Window()
         self._prefetch: Iterator[tuple[Tensor, Tensor]] | None = None
         self._prefetch_unsupported = False
+        # no host synchronisation per step on a GPU: the verdicts are read at the next flush
+        self.contract = WeightContract(self.sampler, deferred=self.device.type == "cuda")
+        #: ‖θ‖ at the start and ‖∇‖ of the first step with a gradient: the BLOW_UP references
+        self.norm_reference: dict[str, float | None] = {"parameter": self.norms()[0], "gradient": None}
+        self.at_step = 0  # the step in progress, which a failure names
 
     @classmethod
     def from_prepared(cls, prep: Prepared) -> "Trainer":
@@ -210,7 +225,9 @@ class Trainer:
         return anchor_emb, batch
 
     def train_step(self) -> float:
-        """One optimiser step; returns the surrogate loss (may be non-finite)."""
+        """One optimiser step; returns the surrogate loss (may be non-finite). W is checked
+        against the weight contract before the loss uses it."""
+        self.at_step = self.step + 1
         self.sync()
         t_start = time.perf_counter()
         anchor_emb, batch = self._anchor_batch()
@@ -230,6 +247,7 @@ class Trainer:
         with torch.no_grad():
             sims = batch.anchor_emb @ candidate_emb.detach().T
             weights = self.sampler.weigh(sims, batch)
+            self.contract.check(weights, batch, self.step + 1, sims)
         self.sync()
         sampler_seconds += time.perf_counter() - t_sampler
 
@@ -315,6 +333,30 @@ class Trainer:
         emb = torch.cat([self.model(flat[s : s + EXACT_CHUNK]) for s in range(0, n * m, EXACT_CHUNK)])
         return emb.reshape(n, m, -1)
 
+    # ---- divergence beyond NaN --------------------------------------------------------------
+    def norms(self) -> tuple[float, float]:
+        """(‖θ‖, ‖∇‖) over all trainable parameters, in one host synchronisation (float64: the
+        float32 norm of finite float32 entries can overflow)."""
+        grads = [p.grad.detach().double().norm() for p in self.params if p.grad is not None]
+        values = torch.stack([
+            torch.stack([p.detach().double().norm() for p in self.params]).norm(),
+            torch.stack(grads).norm() if grads else torch.zeros((), dtype=torch.float64, device=self.device),
+        ]).tolist()
+        return values[0], values[1]
+
+    def blow_up(self) -> str | None:
+        """Why the parameters or the gradient grew past ``BLOW_UP`` times their initial norm,
+        or None; the first step with a non-zero gradient sets the gradient's reference."""
+        theta, grad = self.norms()
+        ref = self.norm_reference
+        if ref["gradient"] is None and grad > 0:
+            ref["gradient"] = grad
+        for name, value, start in (("parameter", theta, ref["parameter"]), ("gradient", grad, ref["gradient"])):
+            if start and value > BLOW_UP * start:
+                return (f"{name} norm grew past {BLOW_UP:.0e} x its initial value at step {self.step} "
+                        f"({value:.3g}, initially {start:.3g})")
+        return None
+
     # ---- checkpoint -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything a resume needs to continue exactly where this run is, but the metric rows
@@ -334,6 +376,8 @@ class Trainer:
                 "data": self.data_generator.get_state(),
                 "sampler": self.sampler_generator.get_state(),
             },
+            "contract": self.contract.state(),  # flushes: never a checkpoint past a violation
+            "norm_reference": dict(self.norm_reference),
         }
 
     def load_checkpoint(self, state: dict[str, Any]) -> None:
@@ -352,3 +396,7 @@ class Trainer:
         self.order_generator.set_state(state["generators"]["order"])
         self.data_generator.set_state(state["generators"]["data"])
         self.sampler_generator.set_state(state["generators"]["sampler"])
+        if "contract" in state:  # checkpoints of earlier versions: the counts start afresh
+            self.contract.load_state(state["contract"])
+        if "norm_reference" in state:
+            self.norm_reference = dict(state["norm_reference"])

@@ -45,6 +45,7 @@ class DebiasedSampler(Sampler):
     }
     test_params = {"tau_plus": 0.1}
     signed_weights = True
+    min_batch_size = 2  # in-batch negatives only (hcl inherits it)
     normalised_weights = False
 
     def negative_sum(self, shifted: Tensor, valid: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:

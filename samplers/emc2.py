@@ -218,12 +218,16 @@ class EMC2Sampler(Sampler):
     diagnostic_attributes = ("_counters", "_anchors_seen")
     diagnostic_metrics = (
         Metric("accept_rate", "fraction of the Metropolis–Hastings proposals accepted after burn-in",
-               better="higher", summary=True),
+               better="higher", summary=True, low=0.0, high=1.0),
         Metric("stale_frac", "fraction of the recorded chain states that fall outside the batch (stale)",
-               headline=True),
-        Metric("empty_frac", "fraction of anchors left without a negative (stale=drop)", headline=True),
+               headline=True, low=0.0, high=1.0),
+        Metric("empty_frac", "fraction of anchors left without a negative (stale=drop)", headline=True, low=0.0,
+               high=1.0),
         Metric("chain_age", "mean steps since the stored scores of this step's chains were computed"),
     )
+    #: an anchor whose chain records only out-of-batch states gets no negative (stale=drop)
+    empty_rows = True
+    min_batch_size = 2  # proposals are the in-batch candidates
 
     def check_task(self, num_items: int, num_views: int | None) -> None:
         super().check_task(num_items, num_views)

@@ -20,6 +20,7 @@ from negbench import Batch, Param, register_sampler, Sampler
 @register_sampler("in_batch", aliases=("simclr",))
 class InBatchSampler(Sampler):
     description = "Softmax over the in-batch negatives (SimCLR / NT-Xent)."
+    min_batch_size = 2  # in-batch negatives only
     params = {
         "include_positive": Param(True, "put the positive in the denominator, as NT-Xent does"),
     }

@@ -47,6 +47,7 @@ from negbench import Batch, Param, register_sampler, Sampler
 class SogCLRSampler(Sampler):
     description = "In-batch negatives reweighted by a per-item moving average of the partition function (SogCLR)."
     normalised_weights = False
+    min_batch_size = 2  # in-batch negatives only
     params = {
         "gamma": Param(0.9, "γ: moving-average rate of u (1 on an item's first visit)", low=0.0, high=1.0, low_open=True),
     }

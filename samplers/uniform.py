@@ -17,6 +17,7 @@ from negbench import Batch, register_sampler, Sampler
 @register_sampler("uniform")
 class UniformSampler(Sampler):
     description = "Equal weight on every valid in-batch negative: no hardness (the floor)."
+    min_batch_size = 2  # in-batch negatives only
 
     def weigh(self, sims: Tensor, batch: Batch) -> Tensor:
         weights = sims.new_zeros(sims.shape)

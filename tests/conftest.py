@@ -18,3 +18,17 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def restore_registries():
+    """Unregister what a test's plugins registered (and forget their import errors), so later
+    tests see the built-ins only: a name registered again from another file is an error."""
+    from negbench.registry import SAMPLERS, TASKS
+
+    saved = [(r, dict(r._classes), dict(r._aliases), dict(r.failures), dict(r.plugin_failures), dict(r.overrides))
+             for r in (SAMPLERS, TASKS)]
+    yield
+    for registry, classes, aliases, failures, plugin_failures, overrides in saved:
+        registry._classes, registry._aliases, registry.failures = classes, aliases, failures
+        registry.plugin_failures, registry.overrides = plugin_failures, overrides

@@ -50,6 +50,17 @@ def make_random_aug_plugin(tmp: Path) -> None:
     (tmp / "random_aug.py").write_text(RANDOM_AUG_TASK)
 
 
+PLUGINS = Path(__file__).parent / "plugins"  # the fixtures of issue 17 (see plugins/README.md)
+
+
+def plugin(name: str) -> Callable[[Path], None]:
+    """A setup that copies the plugin fixture ``name`` into the test's folder."""
+    def setup(tmp: Path) -> None:
+        (tmp / name).write_text((PLUGINS / name).read_text())
+
+    return setup
+
+
 def make_empty_folder(tmp: Path) -> None:
     (tmp / "empty").mkdir()
 
@@ -125,6 +136,18 @@ RUN = [
     Case([*TINY_SYNTHETIC, "--batch-size", "4", "--max-items", "12", "--sampler", "queue", "--set", "size=400"],
          "use --set size=384 or less"),
     Case(["--plugin", "/nonexistent/plugin.py"], "does not exist"),
+    # issue 17, finding 1: a plugin that fails to import is loud, naming the file and the line
+    Case(["--plugin", "{tmp}/syntax_err.py"], "plugin syntax_err.py line 9: SyntaxError", plugin("syntax_err.py")),
+    Case(["--plugin", "{tmp}/syntax_err.py", "--sampler", "test_syntax"], "plugin syntax_err.py line 9: SyntaxError",
+         plugin("syntax_err.py")),
+    Case(["--plugin", "{tmp}/raising_import.py"], "plugin raising_import.py line 8: KeyError: 'sacle'",
+         plugin("raising_import.py")),
+    # finding 7: registering a name that exists names both places
+    Case(["--plugin", "{tmp}/duplicate_name.py"], "sampler 'emc2' is already registered by negbench.samplers.emc2",
+         plugin("duplicate_name.py")),
+    # finding 4: a sampler left without negatives at B = 1
+    *[Case([*TINY_SYNTHETIC, "--sampler", name, "--batch-size", "1"], f"sampler {name!r} needs --batch-size >= 2")
+      for name in ("in_batch", "uniform", "emc2", "sogclr")],
     Case(["--no-such-option"], "No such option", default_out=False),
     Case(["--plugin", "{tmp}/random_aug.py", "--task", "test_random_aug", "--set", "num_items=24", "--batch-size", "4", "--sampler", "emc2",
           "--set", "chain=view"], "emc2 chain=view needs a finite-view task", make_random_aug_plugin),
@@ -184,6 +207,11 @@ COMPARE = [
          skip=None if HAS_SUBMITIT else "submitit is not installed"),
     Case([*COMPARE_BASE, "--backend", "dask", "--scheduler", "tcp://127.0.0.1:9"], "no Dask scheduler answered",
          skip=None if HAS_DASK else "dask is not installed"),
+    Case([*COMPARE_BASE, "--plugin", "{tmp}/syntax_err.py"], "plugin syntax_err.py line 9: SyntaxError",
+         plugin("syntax_err.py")),
+    Case([*COMPARE_BASE, "--plugin", "{tmp}/duplicate_name.py"], "duplicate_name.py line 7 registers it again",
+         plugin("duplicate_name.py")),
+    Case([*COMPARE_BASE, "--batch-sizes", "1,4"], "sampler 'in_batch' needs --batch-size >= 2"),
     Case(["{tmp}", "--task", "digits"], "not both"),
     Case(["{tmp}/nothing*"], "no run folder matches"),
     Case(["{tmp}/file"], "is not a folder", make_file),
@@ -230,6 +258,7 @@ BENCH = [
     Case(["--device", "tpu"], "--device must be one of"),
     Case(["--threads", "0"], "--threads must be a positive integer"),
     Case(["--out", "{tmp}/file/bench"], "is a file, not a folder", make_file),
+    Case(["--plugin", "{tmp}/syntax_err.py"], "plugin syntax_err.py line 9: SyntaxError", plugin("syntax_err.py")),
 ]
 
 LIST = [
@@ -245,6 +274,11 @@ CASES = [(command, case) for command, cases in (("run", RUN), ("compare", COMPAR
 def tree(folder: Path) -> dict[str, int]:
     """Every path under ``folder`` with its modification time."""
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.fixture(autouse=True)
+def _forget_plugins(restore_registries):
+    """The plugin fixtures' registrations and import errors are forgotten after each test."""
 
 
 @pytest.mark.parametrize(("command", "case"), CASES, ids=[f"{c} {' '.join(case.args)}" for c, case in CASES])
@@ -268,6 +302,34 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, case, tmp_path
 def test_there_are_at_least_30_distinct_bad_inputs():
     assert len({(c, tuple(case.args)) for c, case in CASES}) >= 30
     assert {c for c, _ in CASES} == {"run", "compare", "rate", "bench", "list"}
+
+
+def test_a_broken_plugin_stays_listed_with_its_error(tmp_path, capsys, monkeypatch):
+    """`negbench list` is where a broken plugin is diagnosed: it is shown, not an error."""
+    monkeypatch.setenv("COLUMNS", "300")
+    plugin("syntax_err.py")(tmp_path)
+    code, out, _ = invoke(capsys, "list", "samplers", "--plugin", str(tmp_path / "syntax_err.py"))
+    assert code == 0 and "syntax_err.py" in out and "SyntaxError" in out and "emc2" in out
+    SAMPLERS.failures.pop("syntax_err.py", None)
+
+
+def test_a_huge_set_value_is_not_echoed_in_full(tmp_path, capsys):
+    """Finding 8: a 100 KB --set value was echoed whole in the one-line error."""
+    code, _, err = invoke(capsys, "run", "--set", "burn_in=" + "9" * 100_000, "--out", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and "burn_in" in err, err[:300]
+    assert len(err) < 400 and "characters)" in err, err[:400]
+
+
+def test_a_validation_error_does_not_import_torch_first():
+    """Finding 8: a one-line validation error took seconds because torch was imported before
+    the options were checked (a subprocess: this one has torch loaded already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom negbench.cli import main\ntry:\n    main(['run', '--batch-size', '0'])\n"
+            "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
 
 
 def test_debug_shows_the_traceback_instead(tmp_path):
@@ -338,7 +400,7 @@ def test_random_run_options_never_end_in_a_traceback(options, tmp_path_factory, 
     out = tmp_path_factory.mktemp("run") / "out"
     code, _, err = invoke(capsys, "run", *options, "--out", str(out))  # an exception here fails the test
     event(f"exit code {code}")  # --hypothesis-show-statistics: how many draws were valid
-    assert code in (0, 2, 130), (code, err)
+    assert code in (0, 2, 3, 130), (code, err)  # 3: diverged (e.g. --lr 1e30); never 1: a built-in never fails
     assert "Traceback" not in err
     if code == 2:  # bad input: one line, and nothing written
         assert err.startswith("negbench: error:") and err.count("\n") == 1, err

@@ -272,7 +272,7 @@ def test_a_failing_cell_is_reported_and_rerun(tmp_path, capsys, count_runs, monk
 
     monkeypatch.setattr(runner.Trainer, "train_step", broken)
     code, _, err = invoke(capsys, *args)
-    assert code == 0, err
+    assert code == 1 and "1 of 2 runs failed (uniform B=4 seed 1)" in " ".join(err.split()), err  # issue 17
     table = pd.read_csv(tmp_path / "f" / "table.csv")
     row = table[table["metric"] == "gcl"].iloc[0]
     assert (row["n"], row["failed"]) == (1, 1) and "RuntimeError: boom" in row["reason"]

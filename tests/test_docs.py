@@ -27,7 +27,7 @@ def test_quickstart_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_sampler_example_runs_as_a_plugin(tmp_path, capsys):
+def test_readme_sampler_example_runs_as_a_plugin(tmp_path, capsys, restore_registries):
     example = re.search(r"```python\n(\"\"\"``plugin_uniform``.+?)```", README, re.S).group(1)
     path = tmp_path / "my_sampler.py"
     path.write_text(example)

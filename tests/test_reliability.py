@@ -12,6 +12,7 @@ samplers' kill chains side by side, the lock test pre-imports its second process
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -26,7 +27,7 @@ import torch
 
 import faults
 from clikit import TINY_SYNTHETIC, invoke
-from negbench import __version__, runner, session
+from negbench import __version__, runner, session, training
 from negbench.session import after_each_step
 from negbench.config import RunConfig, derive_seed
 from negbench.results import CHECKPOINT, CONFIG, METRICS, SUMMARY, read_rows
@@ -57,6 +58,7 @@ def result_rows(run_dir: Path) -> list[dict]:
 def result_summary(run_dir: Path) -> dict:
     summary = json.loads((run_dir / SUMMARY).read_text())
     summary["final"] = {k: v for k, v in summary["final"].items() if k not in MACHINE_KEYS}
+    summary.pop("rows_digest")  # a checksum of metrics.jsonl, timings included
     return summary
 
 
@@ -284,15 +286,17 @@ def test_compare_leaves_a_cell_another_process_holds_and_runs_it_later(tmp_path,
 # ---- divergence ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("eval_every", "metric"), [(4, "loss"), (1, "gcl")])
-def test_a_huge_learning_rate_ends_diverged_with_its_rows(eval_every, metric, tmp_path, capsys):
+def test_a_huge_learning_rate_ends_diverged_with_its_rows(eval_every, metric, tmp_path, capsys, monkeypatch):
     """SGD with lr 1e30 blows up the encoder within two steps. With a row every 4 steps the
     loss of step 2 is the first non-finite quantity; with a row every step, the exact F(θ)
-    of the row after step 1 already is."""
+    of the row after step 1 already is. (The norm bound, which catches it at step 1, is off
+    here: test_a_finite_blow_up_is_diverged_with_the_step_and_the_norm tests it.)"""
+    monkeypatch.setattr(training, "BLOW_UP", math.inf)
     args = ["run", *TINY_SYNTHETIC, "--sampler", "in_batch", "--batch-size", "4", "--steps", "12", "--eval-every",
             str(eval_every), "--tv-steps", "2", "--seed", "0", "--optimizer", "sgd", "--lr", "1e30",
             "--out", str(tmp_path), "--quiet"]
     code, stdout, err = invoke(capsys, *args)
-    assert code == 0, err  # divergence is a result, not an error
+    assert code == 3, err  # divergence is a result (exit code 3), not an error
     run_dir = only_run_dir(tmp_path)
     summary = json.loads((run_dir / SUMMARY).read_text())
     rows = read_rows(run_dir / METRICS, strict=True)
@@ -304,7 +308,7 @@ def test_a_huge_learning_rate_ends_diverged_with_its_rows(eval_every, metric, tm
     assert all(isinstance(r["gcl"], float) for r in rows[:-1]) and rows[-1].get("gcl") is None
     assert not (run_dir / CHECKPOINT).exists() and "diverged" in stdout
     code, _, err = invoke(capsys, *args)
-    assert code == 0 and "already diverged, skipped" in err
+    assert code == 3 and "already diverged, skipped" in err
 
 
 POISONED_SAMPLER = '''
@@ -345,7 +349,7 @@ def test_a_non_finite_sampler_state_ends_diverged_at_that_step(value, status, tm
     code, _, err = invoke(capsys, "run", "--plugin", str(plugin), *TINY_SYNTHETIC, "--sampler", "test_poisoned_state",
                           "--set", f"value={value}", "--batch-size", "4", "--steps", "6", "--eval-every", "2",
                           "--tv-steps", "0", "--seed", "0", "--out", str(out), "--quiet")
-    assert code == 0, err
+    assert code == (3 if status == "diverged" else 0), err
     run_dir = only_run_dir(out)
     summary = json.loads((run_dir / SUMMARY).read_text())
     rows = read_rows(run_dir / METRICS, strict=True)
@@ -393,3 +397,247 @@ def test_config_records_the_derived_seeds_and_the_provenance(reference):
         assert "git_commit" not in versions
     # options that cannot change results are recorded, outside the run id's hashed settings
     assert config["options"]["checkpoint_every"] is None and "checkpoint_every" not in config
+
+
+# ---- trust nothing a plugin or a run folder says (issue 17) -----------------------------------------
+
+PLUGINS = Path(__file__).parent / "plugins"  # the fixtures (see plugins/README.md)
+
+
+@pytest.fixture(autouse=True)
+def _forget_plugins(restore_registries):
+    """The plugin fixtures' registrations are forgotten after each test (another test may load
+    a file of the same name, e.g. test_sampler_conformance's wrong_shape.py)."""
+
+
+def plugin_run(tmp_path: Path, name: str, sampler: str, *extra: str) -> list[str]:
+    return ["run", "--plugin", str(PLUGINS / name), *TINY_SYNTHETIC, "--sampler", sampler, "--batch-size", "4",
+            "--steps", "4", "--eval-every", "2", "--seed", "0", "--out", str(tmp_path / "runs"), "--quiet", *extra]
+
+
+@pytest.mark.parametrize(("name", "sampler", "step", "rule"), [
+    ("negative.py", "test_negative", 1, "W has negative entries (min -2) but the sampler does not declare signed_weights"),
+    ("wrong_shape.py", "test_wrong_shape", 1, "W has shape (8, 9), expected (8, 8) (anchors x candidates)"),
+    ("nan_weights.py", "test_nan_weights", 2, "W has NaN or infinite entries"),
+])
+def test_a_weight_contract_violation_fails_the_run_naming_sampler_step_and_rule(name, sampler, step, rule, tmp_path,
+                                                                                 capsys):
+    """Finding 2: negative weights ran to `completed`, a wrong-shaped W crashed with a traceback
+    from inside negbench, NaN weights were reported as a diverged loss."""
+    code, _, err = invoke(capsys, *plugin_run(tmp_path, name, sampler, "--tv-steps", "0"))
+    message = f"sampler {sampler!r} broke the weight contract at step {step}: {rule}"
+    last = err.strip().splitlines()[-1]  # the lines before: the run's own start line
+    assert code == 1 and last.startswith("negbench: error:") and message in last and "Traceback" not in err, err
+    summary = json.loads((only_run_dir(tmp_path / "runs") / SUMMARY).read_text())
+    assert summary["status"] == "failed" and message in summary["reason"]
+
+
+def test_negative_weights_never_reach_sampling_tv(tmp_path, capsys):
+    """Finding 2: a sampler with negative weights reported sampling_tv = 3200.5 (a TV is in [0, 1])."""
+    code, _, err = invoke(capsys, *plugin_run(tmp_path, "negative.py", "test_negative", "--tv-steps", "2"))
+    assert code == 1, err
+    assert "broke the weight contract at step 0 (sampling_tv probe)" in err
+    rows = read_rows(only_run_dir(tmp_path / "runs") / METRICS)
+    assert all(r.get("sampling_tv") is None or 0 <= r["sampling_tv"] <= 1 for r in rows)
+
+
+def test_signed_weights_are_allowed_when_declared(tmp_path, capsys):
+    code, _, err = invoke(capsys, *plugin_run(tmp_path, "signed.py", "test_signed", "--tv-steps", "0"))
+    assert code == 0, err
+    assert json.loads((only_run_dir(tmp_path / "runs") / SUMMARY).read_text())["status"] == "completed"
+
+
+def test_metric_ranges_are_checked_where_computed():
+    from negbench.contract import MetricRangeError, check_range
+
+    for name, value in (("sampling_tv", 0.0), ("sampling_tv", 1.0), ("lp_acc", 0.5), ("uniformity", -3.0),
+                        ("alignment", 4.0), ("gcl", 1e9)):
+        check_range(name, value)
+    for name, value in (("sampling_tv", 3200.5), ("sampling_tv_floor", -0.1), ("knn1_acc", 1.5), ("uniformity", 0.2),
+                        ("alignment", -1.0)):
+        with pytest.raises(MetricRangeError, match=f"{name} = .* is outside its range"):
+            check_range(name, value)
+
+
+def test_a_raising_sampler_fails_with_exit_1_one_line_and_the_traceback_in_the_run_folder(tmp_path, capsys):
+    """Findings 6 and the exit codes: an internal error is exit 1, one line, its traceback kept."""
+    code, _, err = invoke(capsys, *plugin_run(tmp_path, "raising.py", "test_raising", "--tv-steps", "0"))
+    run_dir = only_run_dir(tmp_path / "runs")
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("negbench: error:") and "Traceback" not in err, err
+    assert "failed at step 2: ZeroDivisionError: division by zero" in last and str(run_dir / "error.log") in last
+    log = (run_dir / "error.log").read_text()
+    assert "Traceback" in log and "raising.py" in log and "1 / 0" in log
+    assert json.loads((run_dir / SUMMARY).read_text())["status"] == "failed"
+
+
+def test_an_epoch_where_no_anchor_got_a_negative_is_flagged_in_its_row(tmp_path, capsys):
+    """Finding 4: a run with nothing to learn reported `completed` and nothing else."""
+    code, _, err = invoke(capsys, *plugin_run(tmp_path, "empty.py", "test_empty", "--tv-steps", "0"))
+    assert code == 0, err
+    rows = read_rows(only_run_dir(tmp_path / "runs") / METRICS)
+    assert [r.get("no_negatives") for r in rows] == [None, True, True]  # the row at step 0 has no window
+
+
+def test_a_finite_blow_up_is_diverged_with_the_step_and_the_norm(tmp_path, capsys):
+    """Finding 5, its command: normalised embeddings stay finite while θ explodes."""
+    code, _, err = invoke(capsys, "run", "--task", "digits", "--sampler", "in_batch", "--optimizer", "sgd", "--lr", "1e12",
+                          "--batch-size", "16", "--steps", "100", "--eval-every", "5", "--seed", "0",
+                          "--out", str(tmp_path), "--quiet")
+    assert code == 3, err  # finding 6: diverged is exit code 3
+    summary = json.loads((only_run_dir(tmp_path) / SUMMARY).read_text())
+    assert summary["status"] == "diverged" and summary["steps_done"] < 5, summary
+    assert summary["reason"].startswith(f"parameter norm grew past 1e+06 x its initial value at step {summary['steps_done']}")
+    assert summary["final"]["diverged_metric"] == "parameter norm"
+
+
+def test_a_damaged_finished_run_is_moved_aside_and_run_again(tmp_path, capsys):
+    """Finding 3: after `truncate -s 300 metrics.jsonl` a rerun said "already completed, skipped"."""
+    args = run_args("uniform", tmp_path / "runs", "--steps", "4", "--eval-every", "1", "--grad-error")
+    code, _, err = invoke(capsys, *args)
+    assert code == 0, err
+    run_dir = only_run_dir(tmp_path / "runs")
+    good = result_rows(run_dir)
+    with open(run_dir / METRICS, "r+b") as handle:
+        handle.truncate(300)
+    code, _, err = invoke(capsys, *args)
+    assert code == 0 and "skipped" not in err, err
+    aside = run_dir.with_name(run_dir.name + ".damaged-1")
+    assert f"moved the damaged folder to {aside}" in " ".join(err.split())
+    assert (aside / METRICS).stat().st_size == 300 and (aside / SUMMARY).exists()
+    assert result_rows(run_dir) == good and result_summary(run_dir)["status"] == "completed"
+    code, _, err = invoke(capsys, *args)
+    assert code == 0 and "already completed, skipped" in err
+
+
+def test_compare_drops_a_run_whose_rows_do_not_match_its_summary(tmp_path, capsys, monkeypatch):
+    """Finding 3 for compare: a metric changed in place (same row count, same last step)."""
+    from negbench import plots
+
+    monkeypatch.setattr(plots, "make_plots", lambda *args, **kwargs: {})
+    code, _, err = invoke(capsys, *run_args("uniform", tmp_path / "runs", "--steps", "4", "--eval-every", "2"))
+    assert code == 0, err
+    run_dir = only_run_dir(tmp_path / "runs")
+    lines = (run_dir / METRICS).read_text().splitlines()
+    row = json.loads(lines[1])
+    row["gcl"] = 0.001
+    lines[1] = json.dumps(row)
+    (run_dir / METRICS).write_text("\n".join(lines) + "\n")
+    code, _, err = invoke(capsys, "compare", str(run_dir), "--out", str(tmp_path / "runs"), "--name", str(tmp_path / "cmp"))
+    assert code == 2 and "does not match the rows_digest in summary.json" in " ".join(err.split()), err
+
+
+def test_run_folder_files_share_one_mode_and_no_lock_is_left(tmp_path, capsys):
+    """Finding 8: config/summary/checkpoint were 0600, metrics.jsonl 0644; an empty .lock stayed."""
+    code, _, err = invoke(capsys, *run_args("uniform", tmp_path, "--steps", "2", "--eval-every", "2",
+                                           "--checkpoint-every", "1", "--seed", "0"))
+    assert code == 0, err
+    run_dir = only_run_dir(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir()} == {
+        name: 0o666 & ~umask for name in (CONFIG, METRICS, SUMMARY)}
+
+
+def test_the_result_path_is_printed_whole_on_its_own_line(tmp_path, capsys):
+    """Finding 8: off a terminal the path was wrapped inside the table title, split in two."""
+    out = tmp_path / ("a-long-folder-name-" * 4) / "runs"
+    code, stdout, err = invoke(capsys, *run_args("uniform", out, "--steps", "2", "--eval-every", "2"))
+    assert code == 0, err
+    assert f"results: {only_run_dir(out)}" in stdout.splitlines()
+
+
+def test_compare_exits_1_when_a_cell_failed_and_0_with_diverged_cells(tmp_path, capsys, monkeypatch):
+    """Finding 6 for compare: a failed cell is exit 1; a diverged one is a result (exit 0)."""
+    from negbench import plots
+
+    monkeypatch.setattr(plots, "make_plots", lambda *args, **kwargs: {})
+    base = ["compare", *TINY_SYNTHETIC, "--batch-sizes", "4", "--seeds", "1", "--steps", "2", "--tv-steps", "0",
+            "--out", str(tmp_path / "runs"), "--sort", "gcl"]
+    code, _, err = invoke(capsys, *base, "--plugin", str(PLUGINS / "raising.py"), "--samplers", "uniform,test_raising",
+                          "--reference", "uniform", "--name", "failed")
+    assert code == 1 and "test_raising B=4 seed 0 failed" in " ".join(err.split()), err
+    code, _, err = invoke(capsys, *base, "--samplers", "in_batch", "--optimizer", "sgd", "--lr", "1e30", "--name", "diverged")
+    assert code == 0, err
+
+
+def test_a_cjk_name_gives_one_warning_not_one_per_glyph(tmp_path, capsys, recwarn):
+    """Finding 8: a --name in CJK flooded the log with matplotlib's missing-glyph warnings."""
+    code, _, err = invoke(capsys, *run_args("uniform", tmp_path / "runs", "--steps", "2", "--eval-every", "2"))
+    assert code == 0, err
+    code, _, err = invoke(capsys, "compare", str(only_run_dir(tmp_path / "runs")), "--out", str(tmp_path / "runs"),
+                          "--name", "負サンプリング比較", "--sort", "gcl")
+    assert code == 0, err
+    glyphs = [w for w in recwarn if "missing from font" in str(w.message) or "fonts lack" in str(w.message)]
+    assert len(glyphs) <= 1, [str(w.message) for w in glyphs]
+
+
+def _reference_rules(w, valid, positive, signed=False, empty_rows=False):
+    """The weight contract's rules 2-5, one anchor at a time in plain Python (independent of
+    negbench.contract's tensor code): the names of the rules W breaks."""
+    broken = set()
+    for a, row in enumerate(w.tolist()):
+        if any(x != x or abs(x) == float("inf") for x in row):
+            broken.add("finite")
+            continue
+        if not signed and min(row) < 0:
+            broken.add("negative")
+        if any(x != 0 and not valid[a][c] and c != positive[a] for c, x in enumerate(row)):
+            broken.add("support")
+        empty_allowed = empty_rows or not any(valid[a])
+        if not (sum(row) > 0 or (all(x == 0 for x in row) and empty_allowed)):
+            broken.add("row sum")
+    return broken
+
+
+def test_the_weight_contract_agrees_with_a_plain_python_reference():
+    from negbench.contract import _NEGATIVE, _NOT_FINITE, _OFF_SUPPORT, _ROW_SUM, verdict
+    from negbench.sampler import Batch
+
+    names = {_NOT_FINITE: "finite", _NEGATIVE: "negative", _OFF_SUPPORT: "support", _ROW_SUM: "row sum"}
+    gen = torch.Generator().manual_seed(0)
+    items = torch.tensor([0, 0, 1, 1, 2, 2])
+    batch = Batch.from_anchors(items, torch.tensor([0, 1] * 3), torch.zeros(6, 4))
+    for trial in range(200):
+        w = torch.rand(6, 6, generator=gen) * (torch.rand(6, 6, generator=gen) < 0.5)
+        w = w * batch.valid  # a valid W, then one kind of damage
+        kind = trial % 5
+        a, c = torch.randint(6, (2,), generator=gen).tolist()
+        if kind == 1:
+            w[a, c] = -0.5
+        elif kind == 2:
+            w[a, a] = 0.3  # the anchor itself
+        elif kind == 3:
+            w[a] = 0.0
+        elif kind == 4:
+            w[a, c] = float("nan")
+        for signed, empty in ((False, False), (True, False), (False, True)):
+            sampler = type("S", (), {"signed_weights": signed, "empty_rows": empty, "name": "s"})()
+            bits = int(verdict(w, batch, sampler)[0])
+            got = {name for bit, name in names.items() if bits & bit}
+            want = _reference_rules(w, batch.valid.tolist(), batch.positive.tolist(), signed, empty)
+            if "finite" in want:  # a NaN row is reported as that, whatever else it breaks
+                assert "finite" in got
+            else:
+                assert got == want, (trial, signed, empty, w)
+
+
+def test_the_deferred_contract_reads_its_verdicts_at_flush_and_names_the_first_bad_step():
+    """The CUDA path (no host synchronisation per step), exercised on the CPU."""
+    from negbench import get_sampler
+    from negbench.contract import WeightContract, WeightContractError
+    from negbench.sampler import Batch, SamplerContext
+
+    sampler = get_sampler("uniform").bind(SamplerContext(num_items=3, num_views=2, beta=5.0, dim=4))
+    batch = Batch.from_anchors(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1] * 3), torch.zeros(6, 4))
+    good = sampler.weigh(torch.zeros(6, 6), batch)
+    contract = WeightContract(sampler, deferred=True)
+    contract.check(good, batch, 1)
+    contract.check(-good, batch, 2)  # deferred: nothing raised yet
+    contract.check(good * float("nan"), batch, 3)
+    with pytest.raises(WeightContractError, match="'uniform' broke the weight contract at step 2: W has negative"):
+        contract.flush()
+    contract.check(good, batch, 4)
+    assert contract.window_empty() is False
+    with pytest.raises(WeightContractError, match=r"at step 5: W has shape \(6, 5\)"):
+        contract.check(good[:, :5], batch, 5)  # the shape is a host-side fact: at once

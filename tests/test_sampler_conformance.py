@@ -59,15 +59,6 @@ def test_task_conformance(name, check):
     assert verdict.status == "pass", verdict.line()
 
 
-@pytest.fixture()
-def restore_registries():
-    """Unregister what a test's plugins registered, so later tests see the built-ins only."""
-    saved = [(r, dict(r._classes), dict(r._aliases), dict(r.failures)) for r in (SAMPLERS, TASKS)]
-    yield
-    for registry, classes, aliases, failures in saved:
-        registry._classes, registry._aliases, registry.failures = classes, aliases, failures
-
-
 def readme_plugin() -> str:
     """The plugin example of the README's "Adding a sampler" section, as written there."""
     section = README.read_text(encoding="utf-8").split("## Adding a sampler", 1)[1]
@@ -122,5 +113,7 @@ def test_check_of_a_file_registering_nothing_is_a_user_error(tmp_path, capsys, r
 def test_check_of_a_plugin_that_fails_to_import(tmp_path, capsys, restore_registries):
     path = tmp_path / "import_error_plugin.py"
     path.write_text("import no_such_module_for_check\n")
-    code, out, _ = invoke(capsys, "check", str(path))
-    assert code == 1 and "FAIL  plugin import_error_plugin.py  imports: ModuleNotFoundError" in out
+    code, out, err = invoke(capsys, "check", str(path))
+    # issue 17: a plugin that fails to import is bad input for every command but list
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "plugin import_error_plugin.py line 1: ModuleNotFoundError" in err
