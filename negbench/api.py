@@ -88,9 +88,10 @@ def _set_pairs(params: Union[Mapping[str, Any], Sequence[str], None]) -> list[st
     return [str(p) for p in params]
 
 
-def command_line(options: Sequence[tuple[str, object, object]], set_pairs: Sequence[str]) -> str:
-    """``negbench compare`` with every option that differs from its default (for table.md)."""
-    words = ["negbench", "compare"]
+def command_line(options: Sequence[tuple[str, object, object]], set_pairs: Sequence[str], command: str = "compare") -> str:
+    """``negbench compare`` (or ``command``) with every option that differs from its default
+    (for table.md)."""
+    words = ["negbench", command]
     for flag, value, default in options:
         if value is None or value == default or value is False:
             continue

@@ -225,18 +225,6 @@ def _forwarded_args(ctx: typer.Context, drop: set[str]) -> list[str]:
         args.append("--debug")
     return args
 
-def _command_line(options: list[tuple[str, object, object]], set_pairs: list[str], command: str = "compare") -> str:
-    """``negbench compare`` (or ``command``) with every option that differs from its default."""
-    words = ["negbench", command]
-    for flag, value, default in options:
-        if value is None or value == default or value is False:
-            continue
-        words += [flag] if value is True else [flag, str(value)]
-    for pair in set_pairs:
-        words += ["--set", pair]
-    return " ".join(words)
-
-
 
 @app.command()
 def compare(
@@ -375,7 +363,9 @@ def rate(
                      tv_steps=tv_steps, tv_anchors=tv_anchors, checkpoint_every=checkpoint_every, init=init,
                      init_lr=init_lr, init_tol=init_tol, init_steps=init_steps, grad_split=grad_split)
     grid = study.build(base, specs, sizes, horizon_list, seed_list, schedule, set_ or [])
-    command = _command_line([
+    from negbench.api import command_line
+
+    command = command_line([
         ("--task", task, None), ("--samplers", ",".join(s.label for s in specs), None),
         ("--batch-sizes", ",".join(map(str, sizes)), None), ("--horizons", ",".join(map(str, horizon_list)), None),
         ("--seeds", seeds, None), ("--lr-scale", lr_scale, 10.0), ("--step-size", step_size, "sqrt"),
