@@ -52,3 +52,14 @@ def nt_xent_reference(z: "torch.Tensor", beta: float) -> "torch.Tensor":  # noqa
     logits = logits.masked_fill(torch.eye(num, dtype=torch.bool), float("-inf"))
     targets = torch.arange(num) ^ 1
     return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def numerical_gradient(loss, z: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central finite differences of ``loss`` at ``z`` (float64), entry by entry."""
+    grad = np.zeros_like(z)
+    for index in np.ndindex(*z.shape):
+        up, down = z.copy(), z.copy()
+        up[index] += h
+        down[index] -= h
+        grad[index] = (loss(up) - loss(down)) / (2 * h)
+    return grad

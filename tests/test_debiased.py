@@ -17,6 +17,7 @@ import torch
 from negbench.objective import surrogate_loss
 from negbench.sampler import Batch
 from samplerkit import bound_sampler
+from reference import numerical_gradient
 
 
 def paired_embeddings(seed: int, items: int, dim: int, noise: float | None) -> np.ndarray:
@@ -55,16 +56,6 @@ def published_loss(z: np.ndarray, beta: float, tau_plus: float, beta_hard: float
         pos, ng, _ = debiased_negative_term(z, a, 1 / beta, tau_plus, beta_hard)
         total += -np.log(pos / (pos + ng))
     return total / len(z)
-
-
-def numerical_gradient(loss, z: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    grad = np.zeros_like(z)
-    for index in np.ndindex(*z.shape):
-        up, down = z.copy(), z.copy()
-        up[index] += h
-        down[index] -= h
-        grad[index] = (loss(up) - loss(down)) / (2 * h)
-    return grad
 
 
 def surrogate_gradient(name: str, z: np.ndarray, beta: float, **params) -> tuple[np.ndarray, torch.Tensor]:

@@ -18,6 +18,7 @@ from negbench.objective import surrogate_loss
 from negbench.results import CHECKPOINT, METRICS, SUMMARY, read_rows
 from negbench.sampler import Batch, join_candidates
 from negbench.session import after_each_step
+from reference import numerical_gradient
 from samplerkit import DIM, bound_sampler, frozen_views
 
 
@@ -40,16 +41,6 @@ def moco_loss(z: np.ndarray, items: np.ndarray, keys: np.ndarray, key_items: np.
             neg += sum(np.exp(beta * z[a] @ z[b]) for b in range(len(z)) if items[b] != items[a])
         total += -np.log(pos / (pos + neg))
     return total / len(z)
-
-
-def numerical_gradient(loss, z: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    grad = np.zeros_like(z)
-    for index in np.ndindex(*z.shape):
-        up, down = z.copy(), z.copy()
-        up[index] += h
-        down[index] -= h
-        grad[index] = (loss(up) - loss(down)) / (2 * h)
-    return grad
 
 
 def fill(sampler, rng: np.random.Generator, items: list[int]) -> None:
