@@ -333,12 +333,11 @@ def rate(
     (finished runs skipped, interrupted ones resumed); per sampler and batch size the slope of
     log(run-average ‖∇F‖²) on log T with its 95% interval and a verdict (falls / plateau /
     unclear), into results/rate/<task>/: table.md, CSVs and a log–log plot per batch size."""
-    import torch
-
     from negbench import grid as grids
     from negbench import rate as study
     from negbench import report
     from negbench.executors import ExecutorOptions
+    from negbench.threads import limit_threads
     from negbench.config import check_writable
 
     _load_plugins(plugin)
@@ -375,13 +374,15 @@ def rate(
         ("--device", device, "auto"), ("--out", out, Path("results/runs")), ("--data-root", data_root, None),
         ("--tv-steps", tv_steps, 0), ("--tv-anchors", tv_anchors, 8), ("--name", name, f"rate/{task}"),
     ], set_ or [], command="rate")
-    torch.set_num_threads(threads)
     if not collect:
         err.print(f"rate: {len(grid.cells)} runs ({len(specs)} samplers × {len(sizes)} batch sizes × "
                   f"{len(horizon_list)} horizons × {len(seed_list)} seeds) in {out}/")
         executor = ExecutorOptions(backend=backend, jobs=jobs, threads_per_job=threads_per_job, scheduler=scheduler,
                                    folder=out / ".submitit").validate()
-        if not grids.run_grid(grid.cells, err, title="rate", executor=executor, plugins=[str(p) for p in plugin or ()]):
+        with limit_threads(threads):  # torch's and the BLAS pools of the cells run in this process
+            finished = grids.run_grid(grid.cells, err, title="rate", executor=executor,
+                                      plugins=[str(p) for p in plugin or ()])
+        if not finished:
             err.print("rate: interrupted; rerun the same command to resume")
             raise typer.Exit(130)
     records = study.collect(grid, warn)

@@ -13,7 +13,9 @@ a cell is a pure function of its payload (a run's seeds derive from its config a
   dead-worker error — it has, with no extra dependency; loky's extras (reusable executors,
   cloudpickled closures) are not used by a grid of module-level calls. Each worker sets
   ``torch.set_num_threads(threads)`` with ``threads`` = ``cores // N`` by default, so
-  N × threads ≤ cores. At most N cells are in flight, so every submitted cell is running.
+  N × threads ≤ cores, and caps NumPy's BLAS pool to the same count (:mod:`negbench.threads`:
+  its idle threads spin and, uncapped, took the cores from the other workers). At most N
+  cells are in flight, so every submitted cell is running.
   A worker that dies (SIGKILL, the OOM killer) breaks the pool: every cell in flight is
   resubmitted once to a fresh pool (resuming from its checkpoint); a cell in flight at a
   second break is reported failed, and the next run of the grid resumes it.
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from negbench.errors import UserError
+from negbench.threads import limit_threads
 
 BACKENDS = ("local", "dask", "submitit")
 #: how long a Dask client waits for the scheduler before giving up
@@ -175,18 +178,16 @@ _loaded_plugins: set[str] = set()
 
 def _invoke(fn: Callable[[Any], Any], payload: Any, threads: int | None, plugins: tuple[str, ...]) -> Any:
     """A cell, in whichever process runs it: load the plugins the grid was given (once per
-    process), set torch's threads, call ``fn``."""
-    import torch
-
+    process), cap torch's and the BLAS thread pools (:func:`negbench.threads.limit_threads`),
+    call ``fn``."""
     from negbench.registry import load_plugin
 
     for path in plugins:
         if path not in _loaded_plugins:
             load_plugin(path)
             _loaded_plugins.add(path)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return fn(payload)
+    with limit_threads(threads):
+        return fn(payload)
 
 
 def _local_worker_init() -> None:
@@ -223,21 +224,14 @@ def run_cells(payloads: Sequence[Any], fn: Callable[[Any], Any], options: Execut
 
 
 def _run_here(payloads: Sequence[Any], fn: Callable[[Any], Any], threads: int | None) -> Iterator[Finished]:
-    import torch
-
-    before = torch.get_num_threads()
-    try:
-        for index, payload in enumerate(payloads):
-            if threads is not None:
-                torch.set_num_threads(threads)
-            try:
+    for index, payload in enumerate(payloads):
+        try:
+            with limit_threads(threads):
                 value = fn(payload)
-            except Exception as exc:  # a failing cell is a result, not a crash of the grid
-                yield Finished(index, error=_error_text(exc))
-            else:
-                yield Finished(index, value)
-    finally:
-        torch.set_num_threads(before)
+        except Exception as exc:  # a failing cell is a result, not a crash of the grid
+            yield Finished(index, error=_error_text(exc))
+        else:
+            yield Finished(index, value)
 
 
 def _run_pool(payloads: Sequence[Any], fn: Callable[[Any], Any], options: ExecutorOptions,
