@@ -26,6 +26,8 @@ def restore_registries():
     tests see the built-ins only: a name registered again from another file is an error."""
     from negbench.registry import SAMPLERS, TASKS
 
+    for registry in (SAMPLERS, TASKS):  # the built-ins first: saved undiscovered, they would be lost on restore
+        registry.discover()
     saved = [(r, dict(r._classes), dict(r._aliases), dict(r.failures), dict(r.plugin_failures), dict(r.overrides))
              for r in (SAMPLERS, TASKS)]
     yield
