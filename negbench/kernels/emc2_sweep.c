@@ -144,46 +144,33 @@ static void order_by_key(const uint32_t *keys, const int32_t *cols, int32_t n, i
 
 /* ---- the sweep ---------------------------------------------------------------------------------- */
 typedef struct {
-    int32_t *order, *cols, *bucket, *start, *touched;
+    int32_t *order, *cols, *bucket, *start, *count;
     uint32_t *keys, *sorted, *bits;
     float *log_u;
 } scratch_t;
 
-static void *scratch_alloc(scratch_t *s, int64_t k) {
-    /* int32: order, cols, bucket (k each), start (2k + 1), touched (k + 1), sorted (k);
-     * keys, bits (uint32) and log_u (float): padded(k) each */
+static void *scratch_alloc(scratch_t *s, int64_t k, int64_t ld) {
+    /* int32: order, cols, bucket (k each), start (2k + 1), sorted (k), count (ld + 1: the
+     * records per column, the last a sink for records on no column); keys, bits (uint32) and
+     * log_u (float): padded(k) each */
     const int64_t kp = padded(k);
-    int32_t *q = malloc((size_t)(7 * k + 2 + 3 * kp) * sizeof(int32_t));
+    int32_t *q = malloc((size_t)(6 * k + 1 + (ld + 1) + 3 * kp) * sizeof(int32_t));
     if (q == NULL) return NULL;
     s->order = q;
     s->cols = q + k;
     s->bucket = q + 2 * k;
     s->start = q + 3 * k;
-    s->touched = q + 5 * k + 1;
-    s->sorted = (uint32_t *)(q + 6 * k + 2);
-    s->keys = (uint32_t *)(q + 7 * k + 2);
-    s->bits = (uint32_t *)(q + 7 * k + 2 + kp);
-    s->log_u = (float *)(q + 7 * k + 2 + 2 * kp);
+    s->sorted = (uint32_t *)(q + 5 * k + 1);
+    s->keys = (uint32_t *)(q + 6 * k + 1);
+    s->bits = (uint32_t *)(q + 6 * k + 1 + kp);
+    s->log_u = (float *)(q + 6 * k + 1 + 2 * kp);
+    s->count = q + 6 * k + 1 + 3 * kp;
     return q;
 }
 
 /* The log score of proposal column c: beta * s in the sims dtype, then rounded to float32. */
 static float logit(const void *sims, int32_t sims_double, int64_t at, double beta, float beta_f) {
     return sims_double ? (float)(beta * ((const double *)sims)[at]) : beta_f * ((const float *)sims)[at];
-}
-
-/* counts live in the row of weights (exact integers) until the final division. */
-static void add_run(void *w, int32_t w_double, int64_t state, int64_t run, int32_t *touched, int64_t *n_touched) {
-    if (run == 0 || state < 0) return;
-    if (w_double) {
-        double *x = (double *)w + state;
-        if (*x == 0.0) touched[(*n_touched)++] = (int32_t)state;
-        *x += (double)run;
-    } else {
-        float *x = (float *)w + state;
-        if (*x == 0.0f) touched[(*n_touched)++] = (int32_t)state;
-        *x += (float)run;
-    }
 }
 
 /* One row's sweep from its chain's (state, current); returns whether it accepted anything. */
@@ -210,45 +197,48 @@ static uint8_t sweep_row(const sweep_t *a, scratch_t *s, int64_t r, int64_t *sta
         if (a->valid[row_at + c]) s->cols[n++] = (int32_t)c;
     row_random((uint32_t)r, a->step, a->key0, a->key1, k, s->keys, s->bits, s->log_u);
     order_by_key(s->keys, s->cols, n, s->order, s->sorted, s->bucket, s->start);
-    memset(row_w, 0, (size_t)a->ld * elt);
-    const int64_t burn = (int64_t)floor(a->burn_in * (double)n);
-    int64_t late_accepted = 0, used = 0, out_of_batch = 0, extra = 0, n_touched = 0;
-    int64_t run_state = -1, run = 0; /* records of the current state not yet counted */
-    uint8_t accepted = 0;
-    for (int64_t t = 0; t < n; ++t) {
+    const int64_t ld = a->ld, burn = (int64_t)floor(a->burn_in * (double)n);
+    int32_t *count = s->count;
+    memset(count, 0, (size_t)(ld + 1) * sizeof(int32_t));
+    int64_t late_accepted = 0, used = 0, out_of_batch = 0, extra = 0;
+    int accepted = 0;
+    /* Branch-free Metropolis-Hastings steps: an accept is a coin flip the branch predictor
+     * cannot learn, so state and score move by selects, and every record is counted, on its
+     * column or on the sink count[ld]. */
+    for (int64_t t = 0; t < burn; ++t) {
         const int64_t c = s->order[t];
         const float l = logit(a->sims, a->sims_double, row_at + c, a->beta, beta_f);
         const int accept = s->log_u[t] < l - current;
-        if (accept) {
-            state = c;
-            current = l;
-            accepted = 1;
-        }
-        if (t < burn) {
-            if (row_records) row_records[t] = NOT_RECORDED;
-            continue;
-        }
+        state = accept ? c : state;
+        current = accept ? l : current;
+        accepted |= accept;
+        if (row_records) row_records[t] = NOT_RECORDED;
+    }
+    for (int64_t t = burn < 0 ? 0 : burn; t < n; ++t) {
+        const int64_t c = s->order[t];
+        const float l = logit(a->sims, a->sims_double, row_at + c, a->beta, beta_f);
+        const int accept = s->log_u[t] < l - current;
+        state = accept ? c : state;
+        current = accept ? l : current;
+        accepted |= accept;
         late_accepted += accept;
         if (row_records) row_records[t] = state;
-        if (state >= 0 && state < a->ld) {
-            used++;
-            extra += state >= k;
-            if (state != run_state) {
-                add_run(row_w, a->sims_double, run_state, run, s->touched, &n_touched);
-                run_state = state;
-                run = 0;
-            }
-            run++;
-        } else if (state == OUT_OF_BATCH) {
-            out_of_batch++;
-        }
+        const int on_column = (uint64_t)state < (uint64_t)ld; /* 0 <= state < ld */
+        used += on_column;
+        extra += on_column & (state >= k);
+        out_of_batch += state == OUT_OF_BATCH;
+        count[on_column ? state : ld] += 1;
     }
-    add_run(row_w, a->sims_double, run_state, run, s->touched, &n_touched);
-    for (int64_t i = 0; i < n_touched; ++i) { /* W = counts / used, as the reference divides */
-        if (a->sims_double)
-            ((double *)row_w)[s->touched[i]] /= (double)used;
-        else
-            ((float *)row_w)[s->touched[i]] /= (float)used;
+    /* W = counts / used, one pass over the row (0 where nothing was recorded), as the reference
+     * divides: the counts are exact integers in either dtype */
+    if (a->sims_double) {
+        double *w = (double *)row_w;
+        const double u = (double)used;
+        for (int64_t i = 0; i < ld; ++i) w[i] = used ? (double)count[i] / u : 0.0;
+    } else {
+        float *w = (float *)row_w;
+        const float u = (float)used;
+        for (int64_t i = 0; i < ld; ++i) w[i] = used ? (float)count[i] / u : 0.0f;
     }
     if (row_records)
         for (int64_t t = n; t < k; ++t) row_records[t] = NOT_RECORDED;
@@ -259,7 +249,7 @@ static uint8_t sweep_row(const sweep_t *a, scratch_t *s, int64_t r, int64_t *sta
     tally[4] = extra;
     *state_io = state;
     *current_io = current;
-    return accepted;
+    return (uint8_t)accepted;
 }
 
 /* sims, weights: rows x ld (float32, or float64 when sims_double); valid: rows x ld bytes.
@@ -280,7 +270,7 @@ int negbench_emc2_sweep(const void *sims, int32_t sims_double, const uint8_t *va
 #pragma omp parallel num_threads(num_threads) if (rows * k >= 65536) reduction(|| : failed)
     {
         scratch_t s;
-        void *block = scratch_alloc(&s, k);
+        void *block = scratch_alloc(&s, k, ld);
         if (block == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t chain = 0; chain < chains; ++chain) {
