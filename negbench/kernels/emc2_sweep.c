@@ -183,6 +183,17 @@ typedef struct {
     uint32_t key0, key1, step;
 } sweep_t;
 
+/* One Metropolis-Hastings step on proposal column c: accept iff log U < l - current, by selects
+ * (no branch: an accept is a coin flip the branch predictor cannot learn). */
+static inline int mh_step(const sweep_t *a, int64_t row_at, int64_t c, float log_u, float beta_f,
+                          int64_t *state, float *current) {
+    const float l = logit(a->sims, a->sims_double, row_at + c, a->beta, beta_f);
+    const int accept = log_u < l - *current;
+    *state = accept ? c : *state;
+    *current = accept ? l : *current;
+    return accept;
+}
+
 static uint8_t sweep_row(const sweep_t *a, scratch_t *s, int64_t r, int64_t *state_io, float *current_io,
                          int64_t *tally, void *weights, int64_t *records) {
     const int64_t k = a->k, row_at = r * a->ld;
@@ -202,24 +213,14 @@ static uint8_t sweep_row(const sweep_t *a, scratch_t *s, int64_t r, int64_t *sta
     memset(count, 0, (size_t)(ld + 1) * sizeof(int32_t));
     int64_t late_accepted = 0, used = 0, out_of_batch = 0, extra = 0;
     int accepted = 0;
-    /* Branch-free Metropolis-Hastings steps: an accept is a coin flip the branch predictor
-     * cannot learn, so state and score move by selects, and every record is counted, on its
-     * column or on the sink count[ld]. */
+    /* Branch-free after burn-in too: every record is counted, on its column or on the sink
+     * count[ld]. */
     for (int64_t t = 0; t < burn; ++t) {
-        const int64_t c = s->order[t];
-        const float l = logit(a->sims, a->sims_double, row_at + c, a->beta, beta_f);
-        const int accept = s->log_u[t] < l - current;
-        state = accept ? c : state;
-        current = accept ? l : current;
-        accepted |= accept;
+        accepted |= mh_step(a, row_at, s->order[t], s->log_u[t], beta_f, &state, &current);
         if (row_records) row_records[t] = NOT_RECORDED;
     }
-    for (int64_t t = burn < 0 ? 0 : burn; t < n; ++t) {
-        const int64_t c = s->order[t];
-        const float l = logit(a->sims, a->sims_double, row_at + c, a->beta, beta_f);
-        const int accept = s->log_u[t] < l - current;
-        state = accept ? c : state;
-        current = accept ? l : current;
+    for (int64_t t = burn; t < n; ++t) { /* burn >= 0: burn_in is in [0, 0.99] */
+        const int accept = mh_step(a, row_at, s->order[t], s->log_u[t], beta_f, &state, &current);
         accepted |= accept;
         late_accepted += accept;
         if (row_records) row_records[t] = state;
