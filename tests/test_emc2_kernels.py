@@ -197,6 +197,21 @@ def test_fused_sweep_equals_the_reference(seed, pairs, beta, dtype):
     assert not expected.accepted.all() and expected.accepted.any()
 
 
+@pytest.mark.parametrize("pairs", [False, True])
+def test_chains_swept_in_lockstep_equal_the_reference(pairs):
+    """Rows with the same number of proposals, float32, without records: the C sweep runs four
+    chains in lockstep (and the 11th chain alone); the ingredients of random_inputs (unstarted,
+    stuck, out-of-batch and extra-column chains) are kept, the masks made equal."""
+    rows = 22 if pairs else 11
+    inputs = random_inputs(7, rows=rows, k=40, beta=5.0, pairs=pairs)
+    valid = inputs.valid.clone()
+    valid[:, :40] = True
+    inputs = replace(inputs, valid=valid)
+    expected = reference_sweep(inputs, records=True)
+    assert_same(kernels.fused_sweep(inputs), expected._replace(records=None))
+    assert (expected.out_of_batch > 0).any() and (expected.extra > 0).any() and not expected.accepted.all()
+
+
 def test_reference_sweep_is_mh_sweep_in_proposal_order():
     """reference_sweep = mh_sweep over the columns sorted by their keys (invalid ones last)."""
     inputs = random_inputs(5, rows=16, k=20, beta=5.0)

@@ -30,7 +30,8 @@ holds the checkpointed step.
 
 Backends: on the CPU a small C library (``emc2_sweep.c``: Philox and the log-uniforms in
 blocks the compiler vectorises, a per-row counting sort of the keys, expected O(K), then the
-sweep, which writes the normalised weights; rows in parallel with OpenMP when the compiler has
+sweep, four chains in lockstep so that their MH dependency chains overlap, which writes the
+normalised weights; rows in parallel with OpenMP when the compiler has
 it), built with the system C compiler at first use and cached in ``$NEGBENCH_CACHE_DIR``
 (default ``~/.cache/negbench``; plain C without torch headers, so building takes well under a
 second); on CUDA a Triton kernel (``_emc2_triton.py``: log U from Triton's own ``tl.philox``
