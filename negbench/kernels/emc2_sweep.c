@@ -25,6 +25,23 @@
 #define BLOCK 16 /* Philox counters per vectorised block */
 #define NUM_TALLIES 5
 
+/* Phase timers for benchmarks/emc2_sweep_ab.sh (cycles per phase, one thread); compiled out
+ * unless NEGBENCH_PHASE_TIMERS is defined. */
+#ifdef NEGBENCH_PHASE_TIMERS
+#include <x86intrin.h>
+uint64_t negbench_emc2_phase_cycles[5]; /* valid columns, Philox and log U, sort, MH, W */
+#define PHASE_START() uint64_t phase_clock_ = __rdtsc()
+#define PHASE_END(i)                                                                             \
+    do {                                                                                         \
+        const uint64_t now_ = __rdtsc();                                                         \
+        negbench_emc2_phase_cycles[i] += now_ - phase_clock_;                                    \
+        phase_clock_ = now_;                                                                     \
+    } while (0)
+#else
+#define PHASE_START() ((void)0)
+#define PHASE_END(i) ((void)0)
+#endif
+
 /* ---- Philox-4x32-10 and the log-uniform ------------------------------------------------------ */
 #define PHILOX_M0 0xD2511F53u
 #define PHILOX_M1 0xCD9E8D57u
@@ -197,15 +214,19 @@ typedef struct {
 static void prepare_row(const sweep_t *a, scratch_t *s, int64_t r, int64_t *records, row_t *row) {
     const int64_t k = a->k, row_at = r * a->ld;
     const size_t elt = a->sims_double ? sizeof(double) : sizeof(float);
+    PHASE_START();
     int32_t n = 0;
     for (int64_t c = 0; c < k; ++c)
         if (a->valid[row_at + c]) s->cols[n++] = (int32_t)c;
+    PHASE_END(0);
     /* The MH steps read the row's scores in random order: request them now, while Philox
      * computes, rather than miss on each line there. */
     for (int64_t c = 0; c < k; c += (int64_t)(64 / elt)) __builtin_prefetch((const char *)a->sims + (size_t)(row_at + c) * elt);
     row_random((uint32_t)r, a->step, a->key0, a->key1, k, s->keys, s->bits, s->log_u);
+    PHASE_END(1);
     order_by_key(s->keys, s->cols, n, s->order, s->sorted, s->bucket, s->start);
     memset(s->count, 0, (size_t)(a->ld + 1) * sizeof(int32_t));
+    PHASE_END(2);
     row->s = s;
     row->row_at = row_at;
     row->records = records;
@@ -317,19 +338,21 @@ static void sweep_group(const sweep_t *a, row_t *rows) {
 
 /* Sweep rows[0..G): in lockstep when sweep_group applies, else one after another. */
 static void sweep_rows(const sweep_t *a, row_t *rows, int G) {
+    PHASE_START();
     int lockstep = G == GROUP && !a->sims_double;
     for (int g = 0; g < G; ++g) lockstep &= rows[g].records == NULL && rows[g].n == rows[0].n;
-    if (lockstep) {
+    if (lockstep)
         sweep_group(a, rows);
-        return;
-    }
-    for (int g = 0; g < G; ++g) sweep_one(a, &rows[g]);
+    else
+        for (int g = 0; g < G; ++g) sweep_one(a, &rows[g]);
+    PHASE_END(3);
 }
 
 /* A swept row's weights W = counts / used, one pass over the row (0 where nothing was
  * recorded), as the reference divides: the counts are exact integers in either dtype; its
  * remaining records and its tallies (records on a column, used, are those not on the sink). */
 static void finish_row(const sweep_t *a, const row_t *row, int64_t *tally, void *weights) {
+    PHASE_START();
     const int64_t ld = a->ld, k = a->k, recorded = row->n > row->burn ? row->n - row->burn : 0;
     const int32_t *count = row->s->count;
     const int64_t used = recorded - count[ld];
@@ -351,6 +374,7 @@ static void finish_row(const sweep_t *a, const row_t *row, int64_t *tally, void 
     tally[2] = used;
     tally[3] = row->out_of_batch;
     tally[4] = extra;
+    PHASE_END(4);
 }
 
 /* sims, weights: rows x ld (float32, or float64 when sims_double); valid: rows x ld bytes.
