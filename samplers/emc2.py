@@ -45,6 +45,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,10 +85,11 @@ def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score:
     u = log_u.T.contiguous()
     accept = torch.empty(num_steps, num_chains, dtype=torch.bool, device=scores.device)
     current, gap = score.clone(), torch.empty_like(score)
-    for t in range(num_steps):
-        torch.sub(steps[t], current, out=gap)
-        torch.lt(u[t], gap, out=accept[t])
-        torch.where(accept[t], steps[t], current, out=current)
+    # unbind: the rows as views in one call (indexing them in the loop costs as much as the step)
+    for step, u_t, accept_t in zip(steps.unbind(0), u.unbind(0), accept.unbind(0)):
+        torch.sub(step, current, out=gap)
+        torch.lt(u_t, gap, out=accept_t)
+        torch.where(accept_t, step, current, out=current)
     accept = accept.T
     last = torch.where(accept, torch.arange(num_steps, device=scores.device), -1).cummax(dim=1).values
     moved, at = last >= 0, last.clamp_min(0)
@@ -159,6 +161,21 @@ def mh_sweep_pairs(
     return _result(*rows, column, start_score, num_proposals, burn_in)
 
 
+def proposal_order(keys: Tensor) -> Tensor:
+    """``keys.argsort(dim=1, stable=True)`` for (R, K) int64 keys in [0, 2^33): a plain sort of
+    the unique values key · 2^b + column (b bits hold a column), whose low bits are the order,
+    ties broken by column as a stable sort does. On the CPU NumPy's sort, ≈ 10× faster than
+    torch's there (0.96 against 10.3 ms unstable, 29.5 ms stable, at 512 × 512, one thread)."""
+    num_columns = keys.shape[1]
+    bits = max(num_columns - 1, 1).bit_length()
+    packed = keys << bits | torch.arange(num_columns, device=keys.device)
+    if packed.device.type == "cpu":
+        ordered = torch.from_numpy(np.sort(packed.numpy(), axis=1))
+    else:
+        ordered = packed.sort(dim=1).values
+    return ordered & ((1 << bits) - 1)
+
+
 def reference_sweep(inputs: kernels.SweepInputs, *, records: bool = False) -> kernels.Sweep:
     """:func:`negbench.kernels.emc2.fused_sweep` in pure PyTorch: the random numbers of
     :func:`~negbench.kernels.emc2.random_streams`, the proposals in stable ascending order of
@@ -168,7 +185,7 @@ def reference_sweep(inputs: kernels.SweepInputs, *, records: bool = False) -> ke
     k = inputs.num_proposal_columns
     keys, log_u = kernels.random_streams(inputs)
     proposable = inputs.valid[:, :k]
-    order = keys.masked_fill_(~proposable, 2**32).argsort(dim=1, stable=True)
+    order = proposal_order(keys.masked_fill_(~proposable, 2**32))
     num_proposals = proposable.sum(dim=1)
     burn = torch.floor(inputs.burn_in * num_proposals.double()).long()
     sweep = mh_sweep_pairs if inputs.pairs else mh_sweep

@@ -22,7 +22,7 @@ from negbench.kernels import emc2 as kernels
 from negbench.kernels.emc2 import SweepInputs
 from negbench.kernels.philox import log_uniform, philox4x32
 from negbench.samplers import emc2 as emc2_module
-from negbench.samplers.emc2 import NOT_RECORDED, OUT_OF_BATCH, mh_sweep, reference_sweep
+from negbench.samplers.emc2 import NOT_RECORDED, OUT_OF_BATCH, mh_sweep, proposal_order, reference_sweep
 from samplerkit import bound_sampler, frozen_views, run_steps
 
 pytestmark = pytest.mark.skipif(kernels.unavailable_reason("cpu") is not None,
