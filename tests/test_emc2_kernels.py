@@ -212,6 +212,15 @@ def test_chains_swept_in_lockstep_equal_the_reference(pairs):
     assert (expected.out_of_batch > 0).any() and (expected.extra > 0).any() and not expected.accepted.all()
 
 
+@pytest.mark.parametrize("k", [1, 2, 37, 600])
+def test_proposal_order_is_the_stable_argsort_of_the_keys(k):
+    """Many ties (keys in 0..2) and invalid columns (2^32): the packed plain sort keeps the
+    column order among equal keys, as a stable sort does."""
+    keys = torch.randint(0, 4, (20, k), generator=torch.Generator().manual_seed(k), dtype=torch.int64)
+    keys[keys == 3] = 2**32
+    assert torch.equal(proposal_order(keys), keys.argsort(dim=1, stable=True))
+
+
 def test_reference_sweep_is_mh_sweep_in_proposal_order():
     """reference_sweep = mh_sweep over the columns sorted by their keys (invalid ones last)."""
     inputs = random_inputs(5, rows=16, k=20, beta=5.0)
