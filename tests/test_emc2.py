@@ -154,3 +154,35 @@ def test_accept_rate_counts_only_post_burn_in_proposals():
     assert diag["chain_age"] is None  # no chain had a stored score before this step
     run_steps(sampler, views, steps=3, batch_size=6, seed=1)
     assert sampler.diagnostics()["chain_age"] >= 0
+
+
+def test_walk_loop_numpy_equals_torch():
+    """The CPU walk (NumPy ufuncs) and the torch walk (CUDA's) give the same accept bits and
+    final scores, with -inf steps (inactive), an unstarted chain (-inf - -inf = NaN: never
+    accepted) and exact ties (log u == step - current: not accepted)."""
+    from negbench.samplers.emc2 import _recurse_numpy, _recurse_torch
+
+    gen = torch.Generator().manual_seed(3)
+    num_steps, chains = 40, 33
+    steps = (10 * torch.rand(num_steps, chains, generator=gen) - 5).round()  # many exact ties
+    steps[torch.rand(num_steps, chains, generator=gen) < 0.2] = float("-inf")
+    steps[:, 0] = float("-inf")
+    log_u = -(2 * torch.rand(num_steps, chains, generator=gen)).round()
+    start = (6 * torch.rand(chains, generator=gen) - 3).round()
+    start[:2] = float("-inf")
+    start[2:4], steps[0, 2:4], log_u[0, 2:4] = 0.0, -1.0, torch.tensor([-1.0, -1.5])  # a tie; just below
+    outs = []
+    for recurse in (_recurse_torch, _recurse_numpy):
+        current, gap = start.clone(), torch.empty_like(start)
+        accept = torch.empty(num_steps, chains, dtype=torch.bool)
+        if recurse is _recurse_numpy:
+            recurse(steps.numpy(), log_u.numpy(), current.numpy(), gap.numpy(), accept.numpy())
+        else:
+            recurse(steps, log_u, current, gap, accept)
+        outs.append((accept, current))
+    (acc_t, cur_t), (acc_n, cur_n) = outs
+    assert torch.equal(acc_t, acc_n)
+    assert torch.equal(cur_t.nan_to_num(), cur_n.nan_to_num())
+    assert not bool(acc_t[:, 0].any())  # an all-inactive chain never moves
+    assert 0.05 < float(acc_t.float().mean()) < 0.95  # the walk really accepts and rejects
+    assert not bool(acc_t[0, 2]) and bool(acc_t[0, 3])  # the tie is rejected, just below it accepted
