@@ -20,6 +20,7 @@ from scipy import stats
 from negbench.errors import UserError
 from negbench.kernels import emc2 as kernels
 from negbench.kernels.emc2 import SweepInputs
+from negbench.kernels import philox as philox_module
 from negbench.kernels.philox import log_uniform, philox4x32
 from negbench.samplers import emc2 as emc2_module
 from negbench.samplers.emc2 import NOT_RECORDED, OUT_OF_BATCH, mh_sweep, proposal_order, reference_sweep
@@ -43,9 +44,18 @@ KAT_ROWS = [(int(r), tuple(int(w, 16) for w in ws[:4]), tuple(int(w, 16) for w i
 RESULT_FIELDS = kernels.Sweep._fields
 
 
+def torch_philox4x32(counter, key, rounds=10):
+    """philox4x32's torch rounds (what CUDA runs) on CPU tensors; philox4x32 itself uses NumPy's there."""
+    words = [c.clone() for c in torch.broadcast_tensors(*counter)]
+    buffers = words + [torch.empty_like(words[0]) for _ in range(2)]
+    return philox_module._rounds(buffers, key, rounds, torch.mul, torch.bitwise_right_shift)
+
+
 @pytest.mark.parametrize(("rounds", "counter", "key", "expected"), KAT_ROWS)
 def test_philox_matches_the_random123_known_answers(rounds, counter, key, expected):
     words = philox4x32(tuple(torch.tensor([c]) for c in counter), key, rounds=rounds)
+    assert tuple(int(w) for w in words) == expected
+    words = torch_philox4x32(tuple(torch.tensor([c]) for c in counter), key, rounds=rounds)
     assert tuple(int(w) for w in words) == expected
     if rounds == 10:
         assert kernels.cpu_philox(counter, key) == expected
@@ -59,6 +69,16 @@ def test_philox_is_vectorised_per_element():
     for i in range(0, 50, 7):
         one = kernels.cpu_philox(tuple(int(c[i]) for c in counter), (0xA4093822, 0x299F31D0))
         assert one == tuple(int(w[i]) for w in batch)
+
+
+def test_philox_numpy_and_torch_rounds_agree_on_broadcast_counters():
+    """The CPU (NumPy) and CUDA (torch) rounds give the same words on a broadcast (rows, columns)
+    counter like random_streams', every value in [0, 2^32)."""
+    counter = (torch.arange(300)[None, :], torch.arange(7)[:, None], torch.tensor(2**32 - 1), torch.tensor(0))
+    ours, theirs = philox4x32(counter, (2**32 - 1, 12345)), torch_philox4x32(counter, (2**32 - 1, 12345))
+    for a, b in zip(ours, theirs):
+        assert a.shape == (7, 300) and torch.equal(a, b)
+        assert int(a.min()) >= 0 and int(a.max()) < 2**32
 
 
 def test_log_uniform_on_all_2_24_inputs():

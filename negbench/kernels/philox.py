@@ -26,6 +26,9 @@ needs no exp and no library log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,24 +51,44 @@ def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int, i
     """Philox-4x32-``rounds`` of broadcastable int64 tensors holding 32-bit words (see the module
     docstring); returns the four output words as int64 tensors in [0, 2³²) of the broadcast shape.
 
-    In place on four buffers: int64 products of two 32-bit words wrap modulo 2⁶⁴, so
-    ``(p >> 32) & MASK`` is the unsigned high word (the arithmetic shift only adds high bits the
-    mask removes) and the low word is ``p`` itself, masked when it is next used (the
-    known-answer tests check all of it)."""
+    On the CPU the rounds run in NumPy on the tensors' own memory: the same int64 operations,
+    with a 64-bit multiply that is ≈ 2× torch's there (5.4 against 3.3 ms at 512 × 256 counters,
+    one thread); elsewhere in torch."""
     shape = torch.broadcast_shapes(*(c.shape for c in counter))
-    c0, c1, c2, c3 = (c.expand(shape).clone() for c in counter)
-    p0, p1 = torch.empty_like(c0), torch.empty_like(c0)
+    words = [c.expand(shape).clone() for c in counter]
+    buffers = [torch.empty_like(words[0]) for _ in range(2)]
+    if words[0].device.type == "cpu":
+        out = _rounds([w.numpy() for w in words + buffers], key, rounds, np.multiply, np.right_shift)
+        return tuple(torch.from_numpy(w) for w in out)  # type: ignore[return-value]
+    return _rounds(words + buffers, key, rounds, torch.mul, torch.bitwise_right_shift)
+
+
+def _rounds(buffers: list, key: tuple[int, int], rounds: int, multiply: Callable, right_shift: Callable) -> tuple:
+    """The rounds of :func:`philox4x32` on six int64 arrays of one shape, the counter's four
+    words then two scratch buffers (torch tensors with torch's ``mul`` and
+    ``bitwise_right_shift``, or NumPy arrays with NumPy's), overwritten; returns the four
+    output words (among the six buffers).
+
+    int64 products of two 32-bit words wrap modulo 2⁶⁴, so ``(p >> 32) & MASK`` is the unsigned
+    high word (the arithmetic shift only adds high bits the mask removes) and the low word is
+    ``p`` itself, masked when it is next used (the known-answer tests check all of it)."""
+    c0, c1, c2, c3, p0, p1 = buffers
     k0, k1 = key[0] & MASK32, key[1] & MASK32
     for r in range(rounds):
         if r:
             k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
-        torch.mul(c0, M0, out=p0)  # lo0 = p0, hi0 = p0 >> 32
-        torch.mul(c2, M1, out=p1)
-        torch.bitwise_right_shift(p1, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(MASK32)
-        torch.bitwise_right_shift(p0, 32, out=c2).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(MASK32)
+        multiply(c0, M0, out=p0)  # lo0 = p0, hi0 = p0 >> 32
+        multiply(c2, M1, out=p1)
+        for hi, product, word, k in ((c0, p1, c1, k0), (c2, p0, c3, k1)):
+            right_shift(product, 32, out=hi)
+            hi ^= word
+            hi ^= k
+            hi &= MASK32
         c1, p1 = p1, c1  # c1 = lo1, c3 = lo0 (unmasked until used)
         c3, p0 = p0, c3
-    return c0, c1.bitwise_and_(MASK32), c2, c3.bitwise_and_(MASK32)
+    c1 &= MASK32
+    c3 &= MASK32
+    return c0, c1, c2, c3
 
 
 def log_uniform(bits: Tensor) -> Tensor:
