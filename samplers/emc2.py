@@ -71,17 +71,24 @@ class SweepResult:
 
 
 def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score: Tensor,
-          fallback: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+          fallback: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Chains (rows) through their proposals (columns t): accept t when active and
     ``log_u[:, t] < scores[:, t] - ℓ``. Only the recursion of ℓ runs in a Python loop (three
-    tensor operations per proposal, vectorised over chains); the states follow afterwards:
-    after step t a chain is on the column of its last accepted proposal, else on
-    ``fallback[:, t]``. Returns (accepted, column after each step, ℓ after each step)."""
+    operations per proposal, vectorised over chains); the states follow afterwards: after step
+    t a chain is on the column of its last accepted proposal, else on its fallback: the steps
+    fall in equal groups (one per column of ``fallback``, (chains, groups)), and group g's
+    fallback is ``fallback[:, g]``.
+
+    Returns (accept, column after each step, at, moved): ``at[:, t]`` is the last accepted step
+    ≤ t (0 when none) and ``moved[:, t]`` whether there is one, so ℓ after step t is
+    ``scores[:, at]`` where moved, else ``score`` (:func:`_score_after`). The column tensor is
+    new (the caller may overwrite it)."""
     num_chains, num_steps = scores.shape
     if num_steps == 0:
-        return active.clone(), fallback.expand(num_chains, 0), scores.clone()
+        none = torch.zeros(num_chains, 0, dtype=torch.long, device=scores.device)
+        return active.clone(), none, none.clone(), active.clone()
     # inactive steps get -inf: never accepted (-inf - ℓ is -inf or NaN, and log u < NaN is False)
-    steps = scores.masked_fill(~active, float("-inf")).T.contiguous()
+    steps = scores.T.clone(memory_format=torch.contiguous_format).masked_fill_(~active.T, float("-inf"))  # a copy: always
     u = log_u.T.contiguous()
     accept = torch.empty(num_steps, num_chains, dtype=torch.bool, device=scores.device)
     current, gap = score.clone(), torch.empty_like(score)
@@ -90,11 +97,22 @@ def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score:
     else:
         _recurse_torch(steps, u, current, gap, accept)
     accept = accept.T
-    last = torch.where(accept, torch.arange(num_steps, device=scores.device), -1).cummax(dim=1).values
-    moved, at = last >= 0, last.clamp_min(0)
-    column = torch.where(moved, columns.gather(1, at), fallback)
-    stored = torch.where(moved, scores.gather(1, at), score[:, None])
-    return accept, column, stored
+    # int32 until the gather (which wants int64): every full-size temporary here is a fresh
+    # allocation whose pages fault in, a large part of this function's time on the CPU
+    step_ids = torch.arange(num_steps, dtype=torch.int32, device=scores.device)
+    last = torch.where(accept, step_ids, -1).cummax(dim=1).values
+    moved, at = last >= 0, last.clamp_min_(0).long()
+    column = columns.gather(1, at)
+    grouped = column.view(num_chains, fallback.shape[1], -1)
+    torch.where(moved.view(grouped.shape), grouped, fallback[:, :, None], out=grouped)
+    return accept, column, at, moved
+
+
+def _score_after(scores: Tensor, at: Tensor, moved: Tensor, start: Tensor, step: int) -> Tensor:
+    """ℓ of each chain after ``step`` of a :func:`_walk` that started from ``start``."""
+    if step < 0:
+        return start.clone()
+    return torch.where(moved[:, step], scores.gather(1, at[:, step : step + 1])[:, 0], start)
 
 
 def _recurse_torch(steps: Tensor, log_u: Tensor, current: Tensor, gap: Tensor, accept: Tensor) -> None:
@@ -120,15 +138,13 @@ def _recurse_numpy(steps: np.ndarray, log_u: np.ndarray, current: np.ndarray, ga
             np.copyto(current, step, where=accept_t)
 
 
-def _result(accept: Tensor, column: Tensor, stored: Tensor, start_column: Tensor, start_score: Tensor,
-            num_proposals: Tensor, burn_in: Tensor) -> SweepResult:
+def _result(accept: Tensor, column: Tensor, final_score: Tensor, start_column: Tensor, num_proposals: Tensor,
+            burn_in: Tensor) -> SweepResult:
+    """The :class:`SweepResult` of rows walked to ``column`` (overwritten: it becomes the records)."""
     steps = torch.arange(accept.shape[1], device=accept.device)
     late = (steps >= burn_in[:, None]) & (steps < num_proposals[:, None])
-    records = torch.where(late, column, NOT_RECORDED)
-    if accept.shape[1]:
-        final_column, final_score = column[:, -1], stored[:, -1]
-    else:
-        final_column, final_score = start_column.clone(), start_score.clone()
+    final_column = column[:, -1].clone() if accept.shape[1] else start_column.clone()
+    records = column.masked_fill_(~late, NOT_RECORDED)
     return SweepResult(final_column, final_score, accept.any(dim=1), records, (accept & late).sum(dim=1),
                        (num_proposals - burn_in).clamp_min(0))
 
@@ -152,8 +168,9 @@ def mh_sweep(
     num_steps = proposal_scores.shape[1]
     column, num_proposals, burn_in = column.long(), num_proposals.long(), burn_in.long()
     active = torch.arange(num_steps, device=column.device) < num_proposals[:, None]
-    walked = _walk(proposal_scores, proposal_columns, log_u, active, score, column[:, None])
-    return _result(*walked, column, score, num_proposals, burn_in)
+    accept, walked, at, moved = _walk(proposal_scores, proposal_columns, log_u, active, score, column[:, None])
+    final_score = _score_after(proposal_scores, at, moved, score, num_steps - 1)
+    return _result(accept, walked, final_score, column, num_proposals, burn_in)
 
 
 def mh_sweep_pairs(
@@ -176,11 +193,12 @@ def mh_sweep_pairs(
     chains = column.shape[0] // 2
     joined = [t.reshape(chains, 2 * k) for t in (proposal_scores, proposal_columns, log_u)]
     active = (torch.arange(k, device=column.device) < num_proposals[:, None]).reshape(chains, 2 * k)
-    fallback = column.reshape(chains, 2, 1).expand(chains, 2, k).reshape(chains, 2 * k)
-    accept, walked, stored = _walk(*joined, active, score[0::2], fallback)
-    rows = [t.reshape(2 * chains, k) for t in (accept, walked, stored)]
-    start_score = torch.stack([score[0::2], stored[:, k - 1] if k else score[0::2]], dim=1).reshape(-1)
-    return _result(*rows, column, start_score, num_proposals, burn_in)
+    fallback = column.reshape(chains, 2)  # each view's steps fall back on its own column
+    accept, walked, at, moved = _walk(*joined, active, score[0::2], fallback)
+    first_view = _score_after(joined[0], at, moved, score[0::2], k - 1)
+    final_score = torch.stack([first_view, _score_after(joined[0], at, moved, score[0::2], 2 * k - 1)], dim=1)
+    rows = [t.reshape(2 * chains, k) for t in (accept, walked)]
+    return _result(*rows, final_score.reshape(-1), column, num_proposals, burn_in)
 
 
 def proposal_order(keys: Tensor) -> Tensor:
@@ -190,12 +208,12 @@ def proposal_order(keys: Tensor) -> Tensor:
     torch's there (0.96 against 10.3 ms unstable, 29.5 ms stable, at 512 × 512, one thread)."""
     num_columns = keys.shape[1]
     bits = max(num_columns - 1, 1).bit_length()
-    packed = keys << bits | torch.arange(num_columns, device=keys.device)
+    packed = (keys << bits).bitwise_or_(torch.arange(num_columns, device=keys.device))
     if packed.device.type == "cpu":
-        ordered = torch.from_numpy(np.sort(packed.numpy(), axis=1))
+        packed.numpy().sort(axis=1)  # in place
     else:
-        ordered = packed.sort(dim=1).values
-    return ordered & ((1 << bits) - 1)
+        packed = packed.sort(dim=1).values
+    return packed.bitwise_and_((1 << bits) - 1)
 
 
 def reference_sweep(inputs: kernels.SweepInputs, *, records: bool = False) -> kernels.Sweep:
@@ -218,17 +236,20 @@ def reference_sweep(inputs: kernels.SweepInputs, *, records: bool = False) -> ke
 
 def tally(result: SweepResult, sims: Tensor, num_proposal_columns: int, records: bool = False) -> kernels.Sweep:
     """A sweep's records as :class:`~negbench.kernels.emc2.Sweep`: tallies and W = the
-    histogram of the records on columns ≥ 0 over their number (the reference of the kernels')."""
+    histogram of the records on columns ≥ 0 over their number (the reference of the kernels').
+    One histogram of every record (integer counts, exact) gives all of them."""
     rec = result.records
     num_columns, dtype = sims.shape[1], sims.dtype
-    used = rec >= 0
-    counts = torch.zeros(rec.shape[0], num_columns + 1, dtype=dtype, device=rec.device)
-    counts.scatter_add_(1, torch.where(used, rec, num_columns), used.to(dtype))
-    num_used = used.sum(dim=1)
+    shift = -NOT_RECORDED  # bins: NOT_RECORDED, OUT_OF_BATCH, then column c at c + shift
+    counts = torch.zeros(rec.shape[0], num_columns + shift, dtype=torch.long, device=rec.device)
+    counts.scatter_add_(1, rec + shift, torch.ones((), dtype=torch.long, device=rec.device).expand(rec.shape))
+    on_columns = counts[:, shift:]
+    num_used = on_columns.sum(dim=1)
+    weights = on_columns.to(dtype).div_(num_used.clamp_min(1).to(dtype)[:, None])
     return kernels.Sweep(
         result.column, result.score, result.accepted, result.accepted_after_burn_in, result.proposals_after_burn_in,
-        num_used, (rec == OUT_OF_BATCH).sum(dim=1), (rec >= num_proposal_columns).sum(dim=1),
-        counts[:, :num_columns] / num_used.clamp_min(1).to(dtype)[:, None], rec if records else None,
+        num_used, counts[:, OUT_OF_BATCH + shift].clone(), on_columns[:, num_proposal_columns:].sum(dim=1),
+        weights, rec if records else None,
     )
 
 

@@ -32,20 +32,24 @@ def scalar_sweep(scores, columns, num, burn, column, score, log_u):
     return column, score, records, accepted_late
 
 
-@pytest.mark.parametrize("beta", [1.0, 20.0, 100.0])
-def test_sweep_matches_scalar_reference(beta):
+@pytest.mark.parametrize(("beta", "chains", "steps"), [(1.0, 12, 9), (20.0, 12, 9), (100.0, 12, 9), (20.0, 1, 9),
+                                                     (20.0, 12, 1)])
+def test_sweep_matches_scalar_reference(beta, chains, steps):
+    """Also on one chain and on one step, where a transpose is already contiguous: the
+    inputs are left as they were."""
     gen = torch.Generator().manual_seed(int(beta))
-    chains, steps = 12, 9
     scores = beta * (2 * torch.rand(chains, steps, generator=gen) - 1)
     columns = torch.stack([torch.randperm(steps, generator=gen) for _ in range(chains)])
     num = torch.randint(0, steps + 1, (chains,), generator=gen)
     burn = (0.5 * num).floor().long()
     start_score = beta * (2 * torch.rand(chains, generator=gen) - 1)
     start_score[0] = float("-inf")  # unstarted chain: first proposal always accepted
-    start_score[1] = 1e30  # a chain that rejects everything
+    start_score[1:2] = 1e30  # a chain that rejects everything
     start_column = torch.randint(-1, steps, (chains,), generator=gen)
     log_u = torch.rand(chains, steps, generator=gen).log()
+    inputs = [t.clone() for t in (scores, columns, num, burn, start_column, start_score, log_u)]
     result = mh_sweep(scores, columns, num, burn, start_column, start_score, log_u)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (scores, columns, num, burn, start_column, start_score, log_u)))
     for a in range(chains):
         col, sc, recs, late = scalar_sweep(scores[a].tolist(), columns[a].tolist(), int(num[a]), int(burn[a]),
                                            int(start_column[a]), float(start_score[a]), log_u[a].tolist())
@@ -53,8 +57,9 @@ def test_sweep_matches_scalar_reference(beta):
         assert result.records[a].tolist() == recs
         assert int(result.accepted_after_burn_in[a]) == late
         assert int(result.proposals_after_burn_in[a]) == max(int(num[a]) - int(burn[a]), 0)
-    assert bool(torch.isfinite(result.score[2:]).all())
-    assert int(result.column[1]) == int(start_column[1])  # all rejected: state unchanged
+    if chains > 2:
+        assert bool(torch.isfinite(result.score[2:]).all())
+        assert int(result.column[1]) == int(start_column[1])  # all rejected: state unchanged
 
 
 def test_first_proposal_is_always_accepted_and_beta_100_is_finite():

@@ -151,7 +151,7 @@ def random_streams(inputs: SweepInputs, *, log_u: bool = True) -> tuple[Tensor, 
     keys = torch.stack([w0, w1], dim=2).reshape(rows, 2 * half)[:, :k]
     if not log_u:
         return keys, None
-    return keys, log_uniform(torch.stack([w2, w3], dim=2).reshape(rows, 2 * half)[:, :k])
+    return keys, torch.stack([log_uniform(w2), log_uniform(w3)], dim=2).reshape(rows, 2 * half)[:, :k]
 
 
 # ---- the CPU library ---------------------------------------------------------------------------

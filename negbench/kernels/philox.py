@@ -95,24 +95,28 @@ def log_uniform(bits: Tensor) -> Tensor:
     """log U for U = ((x >> 8) + 1)·2⁻²⁴ from 32-bit words x (int64 tensor), in float32 (the
     module docstring gives the formula).
 
-    In place on a few buffers: a fresh tensor per operation costs more than the operation at
-    these sizes (7.5 against ≈ 2 ms at 512 × 512, one thread: each large temporary is a new
-    mapping whose pages fault in). The order of every rounding is the formula's."""
-    u = (bits >> 8).to(torch.int32).add_(1).to(torch.float32).mul_(2.0**-24)  # exact
+    In place on six buffers of the input's size in 32-bit words: a fresh tensor per operation
+    costs more than the operation at these sizes (7.5 against ≈ 2 ms at 512 × 512, one
+    thread: each large temporary is a new mapping whose pages fault in). The order of every
+    rounding is the formula's."""
+    k = bits.to(torch.int32)  # x mod 2³² (two's complement): x >> 8 is its bits 8..31
+    m = k.bitwise_right_shift_(8).bitwise_and_(0x00FFFFFF).add_(1)
+    u = torch.mul(m, 2.0**-24)  # float32, exact
     ix = u.view(torch.int32)
-    k = (ix >> 23).sub_(127)
+    k = torch.bitwise_right_shift(ix, 23, out=m).sub_(127)  # m is free
     mant = ix.bitwise_and_(0x007FFFFF)  # overwrites u
-    i = (mant + 0x4AFB20).bitwise_and_(0x00800000)  # set when 1.mant >= √2: use x/2
-    k.add_(i >> 23)
-    f = mant.bitwise_or_(i.bitwise_xor_(0x3F800000)).view(torch.float32).sub_(1.0)
-    s = torch.add(f, 2.0)
+    i = torch.add(mant, 0x4AFB20).bitwise_and_(0x00800000)  # set when 1.mant >= √2: use x/2
+    # 1.mant, or its half when i is set: mant | (i ^ 0x3F800000), the same bits as (mant | i) ^ 0x3F800000
+    f = mant.bitwise_or_(i).bitwise_xor_(0x3F800000).view(torch.float32).sub_(1.0)
+    k.add_(i.bitwise_right_shift_(23))
+    s = torch.add(f, 2.0, out=i.view(torch.float32))  # i is free
     torch.div(f, s, out=s)
     dk = k.to(torch.float32)
-    z = s * s
+    z = torch.mul(s, s, out=k.view(torch.float32))  # k is free
     w = z * z
     t1 = torch.mul(w, _f32(_LG4)).add_(_f32(_LG2)).mul_(w)
     r = w.mul_(_f32(_LG3)).add_(_f32(_LG1)).mul_(z).add_(t1)  # t2 + t1, overwrites w
-    hfsq = torch.mul(f, 0.5).mul_(f)
-    inner = r.add_(hfsq).mul_(s).add_(torch.mul(dk, _f32(_LN2_LO)))  # s·(hfsq + r) + dk·ln2_lo
+    hfsq = torch.mul(f, 0.5, out=z).mul_(f)  # z is free
+    inner = r.add_(hfsq).mul_(s).add_(torch.mul(dk, _f32(_LN2_LO), out=t1))  # s·(hfsq + r) + dk·ln2_lo
     inner = torch.sub(hfsq, inner, out=hfsq).sub_(f)
     return dk.mul_(_f32(_LN2_HI)).sub_(inner)
