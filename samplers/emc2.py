@@ -96,6 +96,7 @@ def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score:
         _recurse_numpy(steps.numpy(), u.numpy(), current.numpy(), gap.numpy(), accept.numpy())
     else:
         _recurse_torch(steps, u, current, gap, accept)
+    del steps, u
     accept = accept.T
     # int32 until the gather (which wants int64): every full-size temporary here is a fresh
     # allocation whose pages fault in, a large part of this function's time on the CPU
@@ -226,6 +227,7 @@ def reference_sweep(inputs: kernels.SweepInputs, *, records: bool = False) -> ke
     keys, log_u = kernels.random_streams(inputs)
     proposable = inputs.valid[:, :k]
     order = proposal_order(keys.masked_fill_(~proposable, 2**32))
+    del keys  # the peak of live temporaries is what faults in (page by page) each step
     num_proposals = proposable.sum(dim=1)
     burn = torch.floor(inputs.burn_in * num_proposals.double()).long()
     sweep = mh_sweep_pairs if inputs.pairs else mh_sweep
