@@ -80,7 +80,7 @@ def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score:
     fallback is ``fallback[:, g]``.
 
     Returns (accept, column after each step, at, moved): ``at[:, t]`` is the last accepted step
-    ≤ t (0 when none) and ``moved[:, t]`` whether there is one, so ℓ after step t is
+    ≤ t (any step when none) and ``moved[:, t]`` whether there is one, so ℓ after step t is
     ``scores[:, at]`` where moved, else ``score`` (:func:`_score_after`). The column tensor is
     new (the caller may overwrite it)."""
     num_chains, num_steps = scores.shape
@@ -98,11 +98,13 @@ def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score:
         _recurse_torch(steps, u, current, gap, accept)
     del steps, u
     accept = accept.T
-    # int32 until the gather (which wants int64): every full-size temporary here is a fresh
-    # allocation whose pages fault in, a large part of this function's time on the CPU
+    # the running max of the accepted steps' ids; where there is one, its position (cummax's
+    # int64 indices) is the step itself, so ``at`` needs no conversion. int32 ids: every
+    # full-size temporary is a fresh allocation whose pages fault in, much of this time on the CPU
     step_ids = torch.arange(num_steps, dtype=torch.int32, device=scores.device)
-    last = torch.where(accept, step_ids, -1).cummax(dim=1).values
-    moved, at = last >= 0, last.clamp_min_(0).long()
+    last, at = torch.where(accept, step_ids, -1).cummax(dim=1)
+    moved = last >= 0
+    del last
     column = columns.gather(1, at)
     grouped = column.view(num_chains, fallback.shape[1], -1)
     torch.where(moved.view(grouped.shape), grouped, fallback[:, :, None], out=grouped)

@@ -149,9 +149,12 @@ def random_streams(inputs: SweepInputs, *, log_u: bool = True) -> tuple[Tensor, 
     zero = torch.zeros((), dtype=torch.long, device=device)
     w0, w1, w2, w3 = philox4x32((j, r, zero + inputs.step, zero), (inputs.key & MASK32, (inputs.key >> 32) & MASK32))
     keys = torch.stack([w0, w1], dim=2).reshape(rows, 2 * half)[:, :k]
+    del w0, w1  # each word is freed once read: the peak of live temporaries faults in every step
     if not log_u:
         return keys, None
-    return keys, torch.stack([log_uniform(w2), log_uniform(w3)], dim=2).reshape(rows, 2 * half)[:, :k]
+    first = log_uniform(w2)
+    del w2
+    return keys, torch.stack([first, log_uniform(w3)], dim=2).reshape(rows, 2 * half)[:, :k]
 
 
 # ---- the CPU library ---------------------------------------------------------------------------
