@@ -56,7 +56,7 @@ from negbench.training import Trainer
 
 BASELINE = "in_batch"
 #: variants measured besides every registered sampler when ``--samplers`` is not given: EMC²'s
-#: pure-PyTorch fallback sweep next to its fused kernel
+#: tensor-code fallback sweep next to its fused kernel
 EXTRA_VARIANTS = {"emc2": ("emc2:kernel=reference",)}
 #: the largest candidate matrix (A × C entries) the sampler part builds: 2^26 (256 MiB in float32)
 MAX_SIMS = 2**26

@@ -33,9 +33,10 @@ across chains. ``fused`` runs the whole step's sweep as one kernel (:mod:`negben
 a small C library on the CPU, Triton on CUDA) that also generates its random numbers —
 Philox-4x32-10 keyed by the sampler's 64-bit ``philox_key`` (one draw from the run's sampler
 generator, checkpointed) with the counter (proposal pair, row, step, 0) — and writes the
-normalised W. :func:`reference_sweep` is the same function in pure PyTorch (the random numbers
-materialised, then :func:`mh_sweep`: a Python loop over the proposals, vectorised over chains),
-bit for bit. ``auto`` uses ``fused`` when it is available and otherwise falls back to the
+normalised W. :func:`reference_sweep` is the same function in tensor code, no compiled kernel
+(PyTorch; on the CPU NumPy's ufuncs on the tensors' memory, where they are cheaper per call: the
+random numbers materialised, then :func:`mh_sweep`: a Python loop over the proposals,
+vectorised over chains), bit for bit. ``auto`` uses ``fused`` when it is available and otherwise falls back to the
 reference with a one-time warning.
 """
 
@@ -220,7 +221,7 @@ def proposal_order(keys: Tensor) -> Tensor:
 
 
 def reference_sweep(inputs: kernels.SweepInputs, *, records: bool = False) -> kernels.Sweep:
-    """:func:`negbench.kernels.emc2.fused_sweep` in pure PyTorch: the random numbers of
+    """:func:`negbench.kernels.emc2.fused_sweep` in tensor code: the random numbers of
     :func:`~negbench.kernels.emc2.random_streams`, the proposals in stable ascending order of
     their keys (invalid columns last), then :func:`mh_sweep` (or :func:`mh_sweep_pairs`) and
     the histogram of the records, W = counts / used."""
@@ -273,7 +274,7 @@ class EMC2Sampler(Sampler):
         "burn_in": Param(0.5, "fraction of each sweep's proposals not recorded", low=0.0, high=0.99),
         "chain": Param("auto", "one chain per view (finite views) or per item", choices=("auto", "view", "item")),
         "stale": Param("drop", "records on out-of-batch states: drop, or refresh (extra passes)", choices=("drop", "refresh")),
-        "kernel": Param("auto", "MH sweep: fused (one compiled kernel per step), reference (pure PyTorch), or auto (fused when available)", choices=("auto", "fused", "reference")),
+        "kernel": Param("auto", "MH sweep: fused (one compiled kernel per step), reference (tensor code, no compiled kernel), or auto (fused when available)", choices=("auto", "fused", "reference")),
     }
     test_params = {"burn_in": 0.5}
     #: ``negbench compare --samplers all`` also runs the other stale treatment (§2.1)
@@ -415,7 +416,7 @@ class EMC2Sampler(Sampler):
             )
         _warn_once(
             f"emc2: the fused sweep cannot run on {device.type} ({reason}); falling back to the "
-            "slower pure-PyTorch reference sweep (same results)"
+            "slower tensor-code reference sweep (same results)"
         )
 
     @property

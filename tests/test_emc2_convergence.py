@@ -71,7 +71,7 @@ def test_emc2_converges_to_the_exact_softmax(beta):
 @pytest.mark.slow
 def test_broken_acceptance_rule_plateaus_and_fails(monkeypatch):
     monkeypatch.setattr(emc2_module, "mh_sweep", ignore_stored_score_sweep)
-    curve = tv_curve(5.0, stale="refresh", kernel="reference")  # the pure-PyTorch sweep, patched
+    curve = tv_curve(5.0, stale="refresh", kernel="reference")  # the tensor-code reference sweep, patched
     assert not falls_like_inverse_sqrt(curve), curve
     assert curve[-1] > 0.1, curve
 

@@ -1,4 +1,4 @@
-"""The fused EMC² sweep (C on the CPU, Triton on CUDA) against the pure-PyTorch reference
+"""The fused EMC² sweep (C on the CPU, Triton on CUDA) against the tensor-code reference
 ``reference_sweep``: the same Philox-4x32-10 random numbers (checked against the Random123
 known-answer vectors), and identical states, scores, records and weights."""
 

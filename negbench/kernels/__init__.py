@@ -2,5 +2,6 @@
 
 ``negbench.kernels.emc2``: the fused EMC² sweep — a small C library (built with the system C
 compiler at first use, cached in the user cache folder, loaded with ctypes) on the CPU and a
-Triton kernel on CUDA. The pure-PyTorch reference stays in ``negbench.samplers.emc2``.
+Triton kernel on CUDA. The reference in tensor code (PyTorch; NumPy on the CPU) stays in
+``negbench.samplers.emc2``.
 """
