@@ -7,10 +7,11 @@ steps after a warm-up, with ``in_batch``'s step interleaved as the baseline.
 
 ``--free-first MiB`` allocates, touches and frees one tensor of that size before timing: glibc
 then serves allocations up to that size from its heap and stops returning the pages (its
-dynamic mmap threshold), which isolates the compute from the faults.
+dynamic mmap threshold; it only rises for sizes under 32 MiB, so 32 itself has no effect),
+which isolates the compute from the faults.
 
     python benchmarks/emc2_reference_phases.py --batch-size 256
-    python benchmarks/emc2_reference_phases.py --batch-size 256 --free-first 32
+    python benchmarks/emc2_reference_phases.py --batch-size 256 --free-first 16
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import negbench.samplers.emc2 as emc2_module
 from negbench.bench import BenchConfig, _batches, _bind, _FrozenEmbeddings, _sampler_step
 from negbench.kernels import emc2 as kernels
 
-#: (module, function) of each phase, outermost last
+#: (module, function) of each phase timed; they nest (the loop inside _walk, inside mh_sweep_pairs,
+#: everything inside reference_sweep)
 PHASES = ((kernels, "random_streams"), (emc2_module, "proposal_order"), (emc2_module, "_recurse_numpy"),
           (emc2_module, "_walk"), (emc2_module, "mh_sweep_pairs"), (emc2_module, "tally"),
           (emc2_module, "reference_sweep"))

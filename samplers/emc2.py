@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -71,8 +71,18 @@ class SweepResult:
     proposals_after_burn_in: Tensor  # (A,)
 
 
+class _Walked(NamedTuple):
+    """What :func:`_walk` returns (per chain row, per step t)."""
+
+    accept: Tensor  # (chains, steps) bool: step t accepted
+    column: Tensor  # (chains, steps) int64: the column after step t (new: the caller may overwrite it)
+    at: Tensor  # (chains, steps) int64: the last accepted step ≤ t (any step when none)
+    moved: Tensor  # (chains, steps) bool: some step ≤ t was accepted
+    final_score: Tensor  # (chains,) ℓ after the last step
+
+
 def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score: Tensor,
-          fallback: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+          fallback: Tensor) -> _Walked:
     """Chains (rows) through their proposals (columns t): accept t when active and
     ``log_u[:, t] < scores[:, t] - ℓ``. Only the recursion of ℓ runs in a Python loop (three
     operations per proposal, vectorised over chains); the states follow afterwards: after step
@@ -80,14 +90,12 @@ def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score:
     fall in equal groups (one per column of ``fallback``, (chains, groups)), and group g's
     fallback is ``fallback[:, g]``.
 
-    Returns (accept, column after each step, at, moved): ``at[:, t]`` is the last accepted step
-    ≤ t (any step when none) and ``moved[:, t]`` whether there is one, so ℓ after step t is
-    ``scores[:, at]`` where moved, else ``score`` (:func:`_score_after`). The column tensor is
-    new (the caller may overwrite it)."""
+    ℓ after step t is ``scores[:, at]`` where moved, else ``score`` (:func:`_score_after`); after
+    the last step it is the loop's own ℓ."""
     num_chains, num_steps = scores.shape
     if num_steps == 0:
         none = torch.zeros(num_chains, 0, dtype=torch.long, device=scores.device)
-        return active.clone(), none, none.clone(), active.clone()
+        return _Walked(active.clone(), none, none.clone(), active.clone(), score.clone())
     # inactive steps get -inf: never accepted (-inf - ℓ is -inf or NaN, and log u < NaN is False)
     steps = scores.T.clone(memory_format=torch.contiguous_format).masked_fill_(~active.T, float("-inf"))  # a copy: always
     u = log_u.T.contiguous()
@@ -109,7 +117,7 @@ def _walk(scores: Tensor, columns: Tensor, log_u: Tensor, active: Tensor, score:
     column = columns.gather(1, at)
     grouped = column.view(num_chains, fallback.shape[1], -1)
     torch.where(moved.view(grouped.shape), grouped, fallback[:, :, None], out=grouped)
-    return accept, column, at, moved
+    return _Walked(accept, column, at, moved, current)
 
 
 def _score_after(scores: Tensor, at: Tensor, moved: Tensor, start: Tensor, step: int) -> Tensor:
@@ -172,9 +180,8 @@ def mh_sweep(
     num_steps = proposal_scores.shape[1]
     column, num_proposals, burn_in = column.long(), num_proposals.long(), burn_in.long()
     active = torch.arange(num_steps, device=column.device) < num_proposals[:, None]
-    accept, walked, at, moved = _walk(proposal_scores, proposal_columns, log_u, active, score, column[:, None])
-    final_score = _score_after(proposal_scores, at, moved, score, num_steps - 1)
-    return _result(accept, walked, final_score, column, num_proposals, burn_in)
+    walked = _walk(proposal_scores, proposal_columns, log_u, active, score, column[:, None])
+    return _result(walked.accept, walked.column, walked.final_score, column, num_proposals, burn_in)
 
 
 def mh_sweep_pairs(
@@ -198,10 +205,10 @@ def mh_sweep_pairs(
     joined = [t.reshape(chains, 2 * k) for t in (proposal_scores, proposal_columns, log_u)]
     active = (torch.arange(k, device=column.device) < num_proposals[:, None]).reshape(chains, 2 * k)
     fallback = column.reshape(chains, 2)  # each view's steps fall back on its own column
-    accept, walked, at, moved = _walk(*joined, active, score[0::2], fallback)
-    first_view = _score_after(joined[0], at, moved, score[0::2], k - 1)
-    final_score = torch.stack([first_view, _score_after(joined[0], at, moved, score[0::2], 2 * k - 1)], dim=1)
-    rows = [t.reshape(2 * chains, k) for t in (accept, walked)]
+    walked = _walk(*joined, active, score[0::2], fallback)
+    first_view = _score_after(joined[0], walked.at, walked.moved, score[0::2], k - 1)
+    final_score = torch.stack([first_view, walked.final_score], dim=1)
+    rows = [t.reshape(2 * chains, k) for t in (walked.accept, walked.column)]
     return _result(*rows, final_score.reshape(-1), column, num_proposals, burn_in)
 
 

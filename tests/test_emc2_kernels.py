@@ -19,8 +19,8 @@ from scipy import stats
 
 from negbench.errors import UserError
 from negbench.kernels import emc2 as kernels
-from negbench.kernels.emc2 import SweepInputs
 from negbench.kernels import philox as philox_module
+from negbench.kernels.emc2 import SweepInputs
 from negbench.kernels.philox import log_uniform, philox4x32
 from negbench.samplers import emc2 as emc2_module
 from negbench.samplers.emc2 import NOT_RECORDED, OUT_OF_BATCH, mh_sweep, proposal_order, reference_sweep
@@ -46,9 +46,7 @@ RESULT_FIELDS = kernels.Sweep._fields
 
 def torch_philox4x32(counter, key, rounds=10):
     """philox4x32's torch rounds (what CUDA runs) on CPU tensors; philox4x32 itself uses NumPy's there."""
-    words = [c.clone() for c in torch.broadcast_tensors(*counter)]
-    buffers = words + [torch.empty_like(words[0]) for _ in range(2)]
-    return philox_module._rounds(buffers, key, rounds, torch.mul, torch.bitwise_right_shift)
+    return philox_module._rounds(philox_module._buffers(counter), key, rounds, torch.mul, torch.bitwise_right_shift)
 
 
 @pytest.mark.parametrize(("rounds", "counter", "key", "expected"), KAT_ROWS)
